@@ -1,0 +1,1 @@
+"""flowprep: decode videos and compute TV-L1 flow into JPEG or HDF5 stores."""

@@ -1,0 +1,1 @@
+"""trainer: train and evaluate the two streams and fuse their scores."""
