@@ -1,0 +1,166 @@
+import itertools
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from click.testing import CliRunner
+
+import trainer.train as train_mod
+from trainer.cli import main as cli
+from trainer.train import TrainingError, main
+from trainer_toy import ddp_worker, make_toy, toy_config, write_pipeline
+
+
+@pytest.fixture(scope="module")
+def tinted(tmp_path_factory):
+    """Classes differ in appearance and in motion: both streams can learn."""
+    root = tmp_path_factory.mktemp("tinted")
+    return root, *make_toy(root, "jpeg", train_per_class=10, test_per_class=2, tint=True)
+
+
+@pytest.fixture(scope="module")
+def tinted_h5(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinted_h5")
+    return root, *make_toy(root, "hdf5", train_per_class=10, test_per_class=2, tint=True)
+
+
+@pytest.mark.parametrize("stream,store", [("spatial", "tinted"), ("temporal", "tinted_h5")])
+def test_stream_trains_on_cpu_and_loss_falls(stream, store, request, tmp_path):
+    root, store_dir, splits = request.getfixturevalue(store)
+    # temporal from HDF5 with two loader workers: each opens the files itself
+    cfg = toy_config(tmp_path, store_dir, splits, epochs=3, optimizer="adamw", lr=1e-3,
+                     workers=2 if stream == "temporal" else 0)
+    summary = main(cfg, stream)
+    log = summary["log"]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    run = tmp_path / "run" / stream
+    assert [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    ck = torch.load(run / "last.pt", weights_only=True)  # only tensors and primitives inside
+    assert ck["epoch"] == 2 and ck["class_names"] == ["down", "up"] and ck["stream"] == stream
+    assert ck["in_channels"] == (3 if stream == "spatial" else 6)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["val_acc"] == max(r["val_acc"] for r in log)
+    assert (run / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class FirstSteps:
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n)
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_after_interrupted_epoch_equals_uninterrupted_run(tinted, tmp_path, monkeypatch):
+    _, store, splits = tinted
+    # dropout on: the torch RNG state must be restored too
+    straight = toy_config(tmp_path / "a", store, splits, epochs=2, dropout=0.5, lr=0.01)
+    main(straight, "spatial")
+
+    cut = toy_config(tmp_path / "b", store, splits, epochs=2, dropout=0.5, lr=0.01)
+    real = train_mod.train_one_epoch
+
+    def crash_in_second_epoch(model, criterion, optimizer, scheduler, loader, *a, **kw):
+        epoch = a[1]
+        if epoch == 1:  # two steps of epoch 2, then the job dies
+            real(model, criterion, optimizer, scheduler, FirstSteps(loader, 2), *a, **kw)
+            raise KeyboardInterrupt
+        return real(model, criterion, optimizer, scheduler, loader, *a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main(cut, "spatial")
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    torch.manual_seed(123)  # a fresh process would not share our RNG state either
+    cut["train"]["resume"] = True
+    summary = main(cut, "spatial")
+    assert [r["epoch"] for r in summary["log"]] == [1, 2]
+    a, b = weights(tmp_path / "a/run/spatial/last.pt"), weights(tmp_path / "b/run/spatial/last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[{k: v for k, v in json.loads(x).items() if k != "samples_per_s"} for x in (tmp_path / d).read_text().splitlines()]
+            for d in ("a/run/spatial/log.jsonl", "b/run/spatial/log.jsonl")]
+    assert logs[0] == logs[1]
+
+
+def test_diverging_loss_stops_with_a_clear_message(tinted, tmp_path):
+    _, store, splits = tinted
+    cfg = toy_config(tmp_path, store, splits, epochs=1, lr=1e12, print_freq=1)
+    with pytest.raises(TrainingError, match="lower the learning rate"):
+        main(cfg, "spatial")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_train_like_one(tinted, tmp_path):
+    """2 processes x 4 samples = 1 process x 8 samples per step: same data, same updates.
+    (BatchNorm frozen, dropout off: per-process batch statistics and masks are the only
+    intended differences.)"""
+    _, store, splits = tinted
+    one = toy_config(tmp_path / "one", store, splits, epochs=1, freeze_bn=True, lr=0.01)
+    two = toy_config(tmp_path / "two", store, splits, epochs=1, freeze_bn=True, lr=0.01)
+    main(one, "spatial")
+    mp.spawn(ddp_worker, args=(2, free_port(), two, "spatial"), nprocs=2, join=True)
+    a, b = weights(tmp_path / "one/run/spatial/last.pt"), weights(tmp_path / "two/run/spatial/last.pt")
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff < 1e-4
+    la = json.loads((tmp_path / "one/run/spatial/log.jsonl").read_text())
+    lb = json.loads((tmp_path / "two/run/spatial/log.jsonl").read_text())
+    assert la["train_acc"] == lb["train_acc"] and la["val_acc"] == lb["val_acc"]
+    assert np.isclose(la["train_loss"], lb["train_loss"], rtol=1e-4)
+
+
+def test_cli_bad_inputs_fail_before_training_with_clear_messages(tinted, tmp_path):
+    _, store, splits = tinted
+    pipeline = write_pipeline(tmp_path / "p.toml", toy_config(tmp_path, store, splits, epochs=1))
+    runner = CliRunner()
+
+    def run(*args):
+        r = runner.invoke(cli, ["train", "--stream", "spatial", "--pipeline", str(pipeline), *args])
+        assert r.exit_code != 0 and not isinstance(r.exception, (AssertionError, TypeError))
+        return r.output
+
+    assert "does not exist; run `flowprep extract" in run("--store", str(tmp_path / "nostore"))
+    assert "unknown architecture 'resnet7'" in run("--arch", "resnet7")
+    assert "nope.pth does not exist" in run("--pretrained", str(tmp_path / "nope.pth"))
+    assert "classInd.txt" in run("-o", "data.split_format=ucf101")
+    assert "unknown key(s) train.lr_step" in run("-o", "train.lr_step=3")
+    missing = (Path(splits) / "train.txt").read_text() + "down/v_never_extracted.avi 0\n"
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2/train.txt").write_text(missing)
+    (tmp_path / "s2/test.txt").write_text((Path(splits) / "test.txt").read_text())
+    out = run("-o", f"data.splits={tmp_path / 's2'}")
+    assert "down/v_never_extracted" in out and "--skip-missing" in out
+    assert not (tmp_path / "run").exists()  # nothing written before the inputs were checked
+
+
+def test_cli_train_then_evaluate_with_option_overrides(tinted, tmp_path):
+    _, store, splits = tinted
+    cfg = toy_config(tmp_path, store, splits, epochs=5, lr=0.5)
+    cfg["temporal"]["lr"] = 0.5  # the stream section would win over [train]; the options must win over both
+    pipeline = write_pipeline(tmp_path / "p.toml", cfg)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", "--stream", "temporal", "--pipeline", str(pipeline), "--epochs", "1",
+                            "--lr", "0.01", "--out", str(tmp_path / "cli"), "-o", "eval.segments=3"])
+    assert r.exit_code == 0, r.output
+    ck = torch.load(tmp_path / "cli/temporal/last.pt", weights_only=True)
+    assert ck["epoch"] == 0 and ck["stream_config"]["lr"] == 0.01 and ck["config"]["eval"]["segments"] == 3
+    r = runner.invoke(cli, ["evaluate", "--stream", "temporal", "--pipeline", str(pipeline), "--out",
+                            str(tmp_path / "cli"), "--part", "val"])
+    assert r.exit_code == 0, r.output
+    assert "temporal val: 4 videos" in r.output and (tmp_path / "cli/temporal/scores_val.npz").is_file()

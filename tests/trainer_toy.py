@@ -1,0 +1,105 @@
+"""Tiny synthetic stores and splits for the trainer tests (written directly, no extraction).
+
+The toy task is motion-only: in every video a textured square moves up (class "up") or down
+(class "down") over a textured background. Start positions are drawn so that any single
+frame has the same distribution in both classes: only the flow tells them apart.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from flowprep.quant import quantize
+from flowprep.store import open_writer, write_store_info
+
+CLASSES = ("down", "up")
+
+
+def toy_video(rng: np.random.Generator, up: bool, frames: int, size=(40, 48), square=14, speed=3, tint=False):
+    """(frames BGR list, quantized flows list) of one video; `tint` adds an appearance cue (bright "up" videos)."""
+    h, w = size
+    background = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if tint:
+        background = (background // 2 + (128 if up else 0)).astype(np.uint8)
+    patch = rng.integers(0, 256, (square, square, 3), dtype=np.uint8)
+    travel = speed * (frames - 1)
+    lo, hi = 0, h - square
+    y0 = rng.integers(lo + travel, hi + 1) if up else rng.integers(lo, hi - travel + 1)
+    x = int(rng.integers(0, w - square + 1))
+    dy = -speed if up else speed
+    imgs, flows = [], []
+    for t in range(frames):
+        img = background.copy()
+        y = int(y0 + dy * t)
+        img[y:y + square, x:x + square] = patch
+        imgs.append(img)
+        if t < frames - 1:
+            f = np.zeros((h, w, 2), np.float32)
+            f[y:y + square, x:x + square, 1] = dy
+            flows.append(quantize(f, 20.0))
+    return imgs, flows
+
+
+def make_toy(root: Path, fmt: str = "jpeg", train_per_class: int = 16, test_per_class: int = 8, frames: int = 8,
+             seed: int = 0, **kw) -> tuple[Path, Path]:
+    """Write a store and a `list` split (train.txt / test.txt) under root; returns (store, splits)."""
+    store, splits = root / "store", root / "splits"
+    write_store_info(store, {"format": fmt, "bound": 20.0})
+    splits.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = {"train": [], "test": []}
+    for part, n in (("train", train_per_class), ("test", test_per_class)):
+        for label, cls in enumerate(CLASSES):
+            for i in range(n):
+                vid = f"{cls}/v_{cls}_{part}{i:03d}"
+                imgs, flows = toy_video(rng, cls == "up", frames, **kw)
+                with open_writer(fmt, store, vid) as w:
+                    for im in imgs:
+                        w.write_rgb(im)
+                    for q in flows:
+                        w.write_flow(q)
+                    w.commit({"source": vid + ".avi"})
+                lines[part].append(f"{vid}.avi {label}\n")
+    for part, ls in lines.items():
+        (splits / f"{part}.txt").write_text("".join(ls))
+    return store, splits
+
+
+def toy_config(root: Path, store: Path, splits: Path, **train) -> dict:
+    """A pipeline dict for tiny CPU runs; `train` keys override [train]."""
+    return {
+        "name": "toy", "out": str(root / "run"),
+        "data": {"store": str(store), "split_format": "list", "splits": str(splits), "split": 1,
+                 "val_fraction": 0.2},
+        "train": {"arch": "resnet18", "epochs": 2, "batch_size": 8, "lr": 0.01, "optimizer": "sgd",
+                  "schedule": "constant", "workers": 0, "device": "cpu", "seed": 0, "crop_size": 32,
+                  "dropout": 0.0, "print_freq": 5, **train},
+        "temporal": {"flow_length": 3, "mean_subtraction": True},
+        "eval": {"segments": 5, "crops": "center", "batch_size": 16},
+    }
+
+
+def write_pipeline(path: Path, cfg: dict) -> Path:
+    """Write a pipeline dict as TOML (JSON scalars and arrays are valid TOML)."""
+    import json
+
+    top = [f"{k} = {json.dumps(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    sections = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+                for k, v in cfg.items() if isinstance(v, dict)]
+    path.write_text("\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n")
+    return path
+
+
+def ddp_worker(rank: int, world: int, port: int, cfg: dict, stream: str) -> None:
+    """One torchrun-like process for the multi-process test (spawned, so module level)."""
+    import os
+
+    import torch
+
+    from trainer.train import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    main(cfg, stream)

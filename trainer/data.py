@@ -1,0 +1,223 @@
+"""Datasets and loaders over a flowprep store, for both streams.
+
+A sample is a uint8 tensor [K, C, S, S]: K segments (TSN; K = 1 is the paper's single
+frame or stack), C = 3 (spatial) or 2L (temporal, x1, y1, ..., xL, yL), S the crop size.
+Workers decode, crop and flip on uint8 and the batch is pinned as uint8 (a quarter of the
+bytes of float32); the device converts and normalises (see transforms.normalize).
+
+All randomness of a sample comes from (seed, epoch, index), and the order of an epoch from
+(seed, epoch): a resumed run sees exactly the batches an uninterrupted one would have, and
+N processes together see exactly the batches of one process, whatever the worker count.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from flowprep.store import Store, VideoReader
+from trainer import transforms as T
+
+MAX_OPEN = 64  # open videos kept per worker (HDF5 file handles, JPEG meta)
+
+
+class StoreVideos:
+    """Lazily opened readers, one cache per process: opened on first use inside each worker,
+    never pickled across the fork (HDF5 handles must not be shared between processes)."""
+
+    def __init__(self, root: str | Path):
+        self.root = str(root)
+        self._store: Store | None = None
+        self._open: OrderedDict[str, VideoReader] = OrderedDict()
+
+    def __getstate__(self):
+        return {"root": self.root}
+
+    def __setstate__(self, state):
+        self.__init__(state["root"])
+
+    def get(self, video_id: str) -> VideoReader:
+        if video_id in self._open:
+            self._open.move_to_end(video_id)
+            return self._open[video_id]
+        if self._store is None:
+            self._store = Store(self.root)
+        reader = self._store.open(video_id)
+        self._open[video_id] = reader
+        if len(self._open) > MAX_OPEN:
+            self._open.popitem(last=False)[1].close()
+        return reader
+
+
+class _StreamDataset(Dataset):
+    def __init__(self, store_root: str | Path, video_ids: list[str], labels: list[int],
+                 counts: list[tuple[int, int]], stream: str, crop_size: int, flow_length: int = 10):
+        if stream not in ("spatial", "temporal"):
+            raise ValueError(f"stream must be 'spatial' or 'temporal', got {stream!r}")
+        self.videos = StoreVideos(store_root)
+        self.video_ids, self.labels, self.counts = list(video_ids), list(labels), list(counts)
+        self.stream, self.crop_size, self.flow_length = stream, int(crop_size), int(flow_length)
+        self.is_flow = stream == "temporal"
+
+    def positions(self, j: int) -> int:
+        """How many frames (spatial) or stack starts (temporal) video j offers."""
+        frames, flows = self.counts[j]
+        return frames if not self.is_flow else max(flows - self.flow_length + 1, 1)
+
+    def image(self, j: int, pos: int) -> np.ndarray:
+        """HxWx3 RGB frame, or HxWx2L flow stack starting at flow `pos`."""
+        reader = self.videos.get(self.video_ids[j])
+        if not self.is_flow:
+            return reader.rgb(int(pos))
+        if pos + self.flow_length <= reader.num_flows:
+            return reader.flow_stack(int(pos), self.flow_length)
+        idx = T.stack_indices(int(pos), self.flow_length, reader.num_flows)  # short video: last flow repeats
+        return np.concatenate([reader.flow(i) for i in idx], axis=-1)
+
+
+class ClipDataset(_StreamDataset):
+    """One sample per video: K segments, each one frame / one stack.
+
+    train=True: a random position per segment, one multi-scale corner crop and flip shared by
+    the segments; keys are (epoch, index) from EpochSampler. train=False (val accuracy during
+    training): the middle of each segment, center crop.
+    """
+
+    def __init__(self, *args, train: bool = True, segments: int = 1, seed: int = 0, **kw):
+        super().__init__(*args, **kw)
+        self.train, self.segments, self.seed = train, int(segments), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def __getitem__(self, key):
+        epoch, j = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, j]) if self.train else None
+        pos = T.segment_index(self.positions(j), self.segments, rng)
+        images = [self.image(j, p) for p in pos]
+        if self.train:
+            box = T.multiscale_crop_box(*images[0].shape[:2], rng)
+            do_flip = rng.random() < 0.5
+            crops = [T.train_crop(im, self.crop_size, rng, self.is_flow, box, do_flip) for im in images]
+        else:
+            crops = [T.eval_crops(im, self.crop_size, "center", self.is_flow)[0] for im in images]
+        return torch.stack([T.to_chw(c) for c in crops]), self.labels[j]
+
+
+class ProtocolDataset(_StreamDataset):
+    """The paper's test protocol: item (video j, sample s) of `samples` evenly spaced frames or
+    stacks per video, each as 1 (center) or 10 crops: returns ([crops, C, S, S], j)."""
+
+    def __init__(self, *args, samples: int = 25, crops: str = "center", **kw):
+        super().__init__(*args, **kw)
+        if crops not in ("center", "ten"):
+            raise ValueError(f"eval.crops must be 'center' or 'ten', got {crops!r}")
+        self.samples, self.crops = int(samples), crops
+
+    def __len__(self) -> int:
+        return len(self.video_ids) * self.samples
+
+    def __getitem__(self, i: int):
+        j, s = divmod(int(i), self.samples)
+        pos = T.evenly_spaced(self.positions(j), self.samples)[s]
+        crops = T.eval_crops(self.image(j, pos), self.crop_size, self.crops, self.is_flow)
+        return torch.stack([T.to_chw(c) for c in crops]), j
+
+
+class EpochSampler(Sampler):
+    """Shuffled order per (seed, epoch); each global batch of `batch_size` is cut into
+    `world` equal, contiguous shares, one per rank. Incomplete last batch dropped.
+
+    Yields (epoch, index) keys so that persistent workers need no epoch update.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"train.batch_size ({batch_size}) is the global batch and must divide by "
+                             f"the number of processes ({world})")
+        if n < batch_size:
+            raise ValueError(f"only {n} training videos for a batch of {batch_size}; lower train.batch_size")
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.n // self.batch) * (self.batch // self.world)
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        share = self.batch // self.world
+        for b in range(self.n // self.batch):
+            start = b * self.batch + self.rank * share
+            for i in order[start:start + share]:
+                yield (self.epoch, int(i))
+
+
+class ShardSampler(Sampler):
+    """Every `world`-th index from `rank`, in order: disjoint shares covering all items (eval)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, n, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # one decode per worker process; OpenCV's own pool would oversubscribe
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, device: torch.device,
+                seed: int = 0) -> DataLoader:
+    """Workers decode in parallel, batches arrive pinned (CUDA) so copies can overlap compute.
+
+    A loader-own generator keeps the global torch RNG untouched by iterator creation, which
+    keeps a resumed run's dropout masks identical to an uninterrupted run's.
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+class DevicePrefetcher:
+    """Iterate a loader with each batch already on the GPU: batch i+1 is copied on a side
+    stream while batch i computes, so host-to-device copies never stall the compute stream.
+    On the CPU it just passes batches through."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            yield from self.loader
+            return
+        side = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+
+        def copy(batch):
+            if batch is None:
+                return None
+            with torch.cuda.stream(side):
+                return [t.to(self.device, non_blocking=True) for t in batch]
+
+        it = iter(self.loader)
+        ready = copy(next(it, None))
+        while ready is not None:
+            compute.wait_stream(side)  # this batch's copy (queued before) is done before use
+            for t in ready:
+                t.record_stream(compute)  # memory allocated on `side`, used on `compute`
+            batch, ready = ready, copy(next(it, None))
+            yield batch

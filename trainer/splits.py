@@ -1,0 +1,249 @@
+"""Train/test splits: which videos train, validate and test, with which labels.
+
+Three formats, chosen by `data.split_format`:
+
+- ``ucf101``: the official ucfTrainTestlist folder. classInd.txt (``1 ApplyEyeMakeup``),
+  trainlistNN.txt (``ApplyEyeMakeup/v_..._g08_c01.avi 1``), testlistNN.txt (path only).
+- ``hmdb51``: the official testTrainMulti_7030_splits folder. ``<class>_test_splitN.txt``
+  with ``<video>.avi K`` lines, K = 1 train, 2 test, 0 unused.
+- ``list``: a folder with train.txt and test.txt, ``<path> <label>`` per line; the label is a
+  class index or a class name.
+
+Video ids are paths relative to the videos root without extension (the store's ids).
+The validation part is held out of the training part: whole UCF groups (``_gGG_``, clips cut
+from one long video) when the names carry them, so near-duplicate clips never straddle
+train and val; single videos otherwise. The choice is deterministic.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flowprep.store import Store, StoreError, video_class
+
+FORMATS = ("ucf101", "hmdb51", "list")
+PARTS = ("train", "val", "test")
+GROUP = re.compile(r"_g(\d+)_c\d+$")
+
+
+class SplitError(ValueError):
+    """A split folder or file that cannot be read; the message says which and why."""
+
+
+@dataclass
+class Part:
+    video_ids: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+
+@dataclass
+class Split:
+    class_names: list[str]
+    train: Part
+    val: Part
+    test: Part
+
+    def part(self, name: str) -> Part:
+        if name not in PARTS:
+            raise SplitError(f"split part must be one of {PARTS}, got {name!r}")
+        return getattr(self, name)
+
+
+def strip_ext(path: str) -> str:
+    p = path.strip().replace("\\", "/")
+    stem, dot, ext = p.rpartition(".")
+    return stem if dot and "/" not in ext else p
+
+
+def _lines(path: Path) -> list[list[str]]:
+    if not path.is_file():
+        raise SplitError(f"split file {path} does not exist")
+    return [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def read_ucf101(folder: Path, split: int) -> tuple[list[str], Part, Part]:
+    class_ind = folder / "classInd.txt"
+    if not class_ind.is_file():
+        raise SplitError(f"{folder} has no classInd.txt; is it a UCF-101 ucfTrainTestlist folder? "
+                         f"(set data.split_format to hmdb51 or list for other layouts)")
+    rows = _lines(class_ind)
+    try:
+        index = {name: int(i) - 1 for i, name in rows}
+    except ValueError as e:
+        raise SplitError(f"{class_ind}: expected '<index> <class>' lines ({e})") from e
+    names = [n for n, _ in sorted(index.items(), key=lambda kv: kv[1])]
+    if sorted(index.values()) != list(range(len(names))):
+        raise SplitError(f"{class_ind}: class indices must run 1..{len(names)}")
+    parts = []
+    for kind in ("train", "test"):
+        path = folder / f"{kind}list{split:02d}.txt"
+        part = Part()
+        for n, row in enumerate(_lines(path), 1):
+            vid = strip_ext(row[0])
+            cls = video_class(vid)
+            if cls not in index:
+                raise SplitError(f"{path}:{n}: class {cls!r} of {row[0]} is not in {class_ind}")
+            part.video_ids.append(vid)
+            part.labels.append(index[cls])
+        parts.append(part)
+    return names, parts[0], parts[1]
+
+
+def read_hmdb51(folder: Path, split: int) -> tuple[list[str], Part, Part]:
+    pattern = re.compile(rf"^(.+)_test_split{split}\.txt$")
+    files = sorted(p for p in folder.glob(f"*_test_split{split}.txt") if pattern.match(p.name)) if folder.is_dir() else []
+    if not files:
+        raise SplitError(f"{folder} has no <class>_test_split{split}.txt files; is it the HMDB-51 "
+                         f"testTrainMulti_7030_splits folder, and does split {split} exist?")
+    names = [pattern.match(p.name).group(1) for p in files]
+    train, test = Part(), Part()
+    for label, (cls, path) in enumerate(zip(names, files)):
+        for n, row in enumerate(_lines(path), 1):
+            if len(row) != 2 or row[1] not in ("0", "1", "2"):
+                raise SplitError(f"{path}:{n}: expected '<video> 0|1|2', got {' '.join(row)!r}")
+            if row[1] == "0":
+                continue
+            part = train if row[1] == "1" else test
+            part.video_ids.append(f"{cls}/{strip_ext(row[0])}")
+            part.labels.append(label)
+    return names, train, test
+
+
+def read_list(folder: Path, split: int) -> tuple[list[str], Part, Part]:
+    rows = {}
+    for kind in ("train", "test"):
+        path = folder / f"{kind}.txt"
+        rows[kind] = _lines(path)
+        for n, row in enumerate(rows[kind], 1):
+            if len(row) != 2:
+                raise SplitError(f"{path}:{n}: expected '<path> <label>', got {' '.join(row)!r}")
+    labels = [r[1] for kind in rows for r in rows[kind]]
+    if all(re.fullmatch(r"\d+", x) for x in labels):
+        # Integer labels: name each class after its videos' folder when they share one.
+        n_classes = max(int(x) for x in labels) + 1
+        names = [f"class{k}" for k in range(n_classes)]
+        for kind in rows:
+            for path, lab in rows[kind]:
+                cls = video_class(strip_ext(path))
+                if cls and names[int(lab)] == f"class{lab}":
+                    names[int(lab)] = cls
+        index = {str(k): k for k in range(n_classes)}
+    else:
+        names = sorted(set(labels))
+        index = {n: k for k, n in enumerate(names)}
+    parts = []
+    for kind in ("train", "test"):
+        part = Part([strip_ext(p) for p, _ in rows[kind]], [index[lab] for _, lab in rows[kind]])
+        parts.append(part)
+    return names, parts[0], parts[1]
+
+
+def hold_out(train: Part, fraction: float, seed: int = 0) -> tuple[Part, Part]:
+    """Split `train` into (train, val), holding out a `fraction` of the groups.
+
+    With UCF-style ids (`_gNN_`) the same group numbers are held out for every class, as the
+    official splits do: clips of one group share their source, and synthetic sets share scenes
+    across classes by group, so per-class choices would leak near-twins of val videos into train.
+    Without groups, a `fraction` of each class's videos goes to val. Every class keeps at least
+    one training group, and a part with two or more groups gives at least one to val.
+    """
+    if not 0 <= fraction < 1:
+        raise SplitError(f"data.val_fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    val_keys: set[tuple[int | None, str]] = set()
+
+    def pick(keys: list[str]) -> list[str]:
+        k = min(max(1, round(fraction * len(keys))), len(keys) - 1)
+        return [keys[j] for j in rng.permutation(len(keys))[:k]]
+
+    grouped = all(GROUP.search(vid) for vid in train.video_ids)
+    if fraction > 0 and grouped:
+        val_keys = {(None, g) for g in pick(sorted({group_key(v) for v in train.video_ids}))}
+    elif fraction > 0:
+        groups: dict[int, set[str]] = {}
+        for vid, lab in zip(train.video_ids, train.labels):
+            groups.setdefault(lab, set()).add(group_key(vid))
+        for lab in sorted(groups):
+            val_keys.update((lab, g) for g in pick(sorted(groups[lab])))
+    new_train, val = Part(), Part()
+    for vid, lab in zip(train.video_ids, train.labels):
+        key = (None if grouped else lab, group_key(vid))
+        dest = val if key in val_keys else new_train
+        dest.video_ids.append(vid)
+        dest.labels.append(lab)
+    return new_train, val
+
+
+def group_key(video_id: str) -> str:
+    """UCF group (clips of one source video) of a video id, or the id itself."""
+    m = GROUP.search(video_id)
+    return f"g{m.group(1)}" if m else video_id
+
+
+def read_split(fmt: str, folder: str | Path, split: int = 1, val_fraction: float = 0.1) -> Split:
+    """Read a split folder into train / val / test parts with class names."""
+    readers = {"ucf101": read_ucf101, "hmdb51": read_hmdb51, "list": read_list}
+    if fmt not in readers:
+        raise SplitError(f"data.split_format must be one of {FORMATS}, got {fmt!r}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SplitError(f"split folder {folder} does not exist (data.splits)")
+    names, train, test = readers[fmt](folder, int(split))
+    if not train.video_ids:
+        raise SplitError(f"split {split} in {folder} lists no training videos")
+    train, val = hold_out(train, val_fraction)
+    return Split(names, train, val, test)
+
+
+def split_from_config(cfg: dict) -> Split:
+    data = cfg.get("data", {})
+    if "splits" not in data:
+        raise SplitError("the pipeline has no data.splits (the split folder)")
+    return read_split(data.get("split_format", "ucf101"), data["splits"], data.get("split", 1),
+                      data.get("val_fraction", 0.1))
+
+
+def check_videos(store: Store, part: Part, skip_missing: bool = False, what: str = "") -> tuple[Part, list[tuple[int, int]]]:
+    """Check every video of `part` in the store before any training starts.
+
+    Returns the part (minus bad videos when `skip_missing`) and (frames, flows) per video;
+    raises StoreError naming the missing or incomplete videos otherwise.
+    """
+    def probe(vid: str):
+        reason = store.check(vid)
+        if reason is not None:
+            return reason, None
+        try:
+            with store.open(vid) as v:
+                return None, (v.num_frames, v.num_flows)
+        except (StoreError, OSError) as e:
+            return str(e), None
+
+    with ThreadPoolExecutor(16) as pool:  # stat/scandir-bound: threads overlap the file system waits
+        results = list(pool.map(probe, part.video_ids))
+    bad = [(vid, r) for vid, (r, _) in zip(part.video_ids, results) if r is not None]
+    if bad and not skip_missing:
+        shown = "\n".join(f"  {vid}: {reason}" for vid, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise StoreError(f"{len(bad)} of {len(part)} {what}videos listed in the split are missing or incomplete "
+                         f"in the store {store.root}:\n{shown}{more}\nRun `flowprep extract` to (re)extract them, "
+                         f"or pass --skip-missing (data.skip_missing=true) to train without them.")
+    if bad:
+        print(f"warning: skipping {len(bad)} {what}videos missing or incomplete in {store.root}: "
+              + ", ".join(v for v, _ in bad[:10]) + (" ..." if len(bad) > 10 else ""), file=sys.stderr)
+    keep = Part()
+    counts = []
+    for vid, lab, (reason, n) in zip(part.video_ids, part.labels, results):
+        if reason is None:
+            keep.video_ids.append(vid)
+            keep.labels.append(lab)
+            counts.append(n)
+    return keep, counts
