@@ -21,7 +21,8 @@ import joblib
 import numpy as np
 import torch
 
-from flowprep.tvl1_torch import PRESETS, opencv_tvl1, tvl1
+from flowprep.flow import PRESETS, opencv_tvl1
+from flowprep.tvl1_torch import tvl1
 
 SIZE = (340, 256)  # (width, height), the usual two-stream flow resolution
 CUDA_BATCHES = (1, 8, 32, 128)

@@ -9,6 +9,7 @@ import click
 from flowprep.extract import BACKENDS, DEFAULT_SIZE, ExtractError, ExtractOptions, run_extract
 from flowprep.flow import ALGOS, FARNEBACK, PRESETS
 from flowprep.store import FORMATS, StoreError
+from flowprep.synth import synth_command
 from flowprep.video import parse_size
 
 
@@ -29,12 +30,46 @@ def _preset_help() -> str:
             "rest as accurate: about 8x faster, a fraction of a pixel from accurate.")
 
 
+# Pipeline keys ([data] and [extract] of pipelines/*.toml) -> extract's parameter names.
+PIPELINE_KEYS = {"data.videos": "videos", "data.store": "out", "extract.format": "fmt", "extract.size": "size",
+                 "extract.short_side": "short_side", "extract.bound": "bound", "extract.jpeg_quality": "jpeg_quality",
+                 "extract.step": "step", "extract.algo": "algo", "extract.preset": "preset", "extract.rgb": "rgb",
+                 "extract.backend": "backend", "extract.workers": "workers", "extract.address": "address",
+                 "extract.device": "device"}
+
+
+def _pipeline_defaults(ctx, param, value):
+    """--pipeline: take defaults from the pipeline file; options given on the command line still win."""
+    if value is None:
+        return None
+    from trainer.config import ConfigError, load_pipeline
+
+    try:
+        cfg = load_pipeline(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    unknown = sorted(set(cfg.get("extract", {})) - {k.split(".")[1] for k in PIPELINE_KEYS if k.startswith("extract.")})
+    if unknown:
+        raise click.BadParameter(f"unknown key(s) in [extract] of {value}: {', '.join(unknown)}")
+    defaults = {}
+    for dotted, name in PIPELINE_KEYS.items():
+        section, key = dotted.split(".")
+        v = cfg.get(section, {}).get(key)
+        if v is not None and v != "":
+            defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """flowprep: decode videos and compute TV-L1 optical flow into a store the two-stream trainer reads."""
 
 
 @main.command(context_settings={"show_default": True})
+@click.option("--pipeline", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+              callback=_pipeline_defaults, help="Defaults from a pipeline file (pipelines/*.toml): --videos and "
+              "--out from [data] videos/store, the rest from [extract]; options given here win.")
 @click.option("--videos", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of videos (searched recursively). Video id = path inside it without extension; "
                    "class = its first folder.")
@@ -82,6 +117,9 @@ def extract(videos, out, list_file, workers, backend, address, fmt, size, short_
         if not torch.cuda.is_available():
             raise click.UsageError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is "
                                    "False); use --device cpu")
+    ctx = click.get_current_context()
+    if short_side is not None and ctx.get_parameter_source("size") == click.core.ParameterSource.DEFAULT_MAP:
+        size = None  # --short-side on the command line replaces the pipeline's size
     if size is None and short_side is None:
         size = DEFAULT_SIZE
     if out is None:
@@ -127,3 +165,6 @@ def show(store, video_id, out, frames):
     except StoreError as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"wrote {path}")
+
+
+main.add_command(synth_command)

@@ -199,7 +199,10 @@ def _run_ray(todo, out: Path, opts: ExtractOptions, workers: int, address: str |
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # max_retries: a task whose worker process dies (OOM kill, node loss) runs again from scratch;
         # retry_exceptions=False: extract_video already turns bad input into a "failed" record.
-        task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(_run_one)
+        # On --device cuda each task holds a whole GPU (num_gpus=1): one process per GPU, as the
+        # CUDA TV-L1 is neither cheap to share nor deterministic under threads.
+        gpus = 1 if opts.device.startswith("cuda") else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3, retry_exceptions=False)(_run_one)
         queue = iter(todo)
         inflight: dict = {}
 
@@ -307,6 +310,10 @@ def run_extract(videos: str | Path, out: str | Path, opts: ExtractOptions = Extr
                            " (looked for .avi .mp4 .mkv .mov .webm .mpg .mpeg .flv .wmv .m4v)"))
     if not workers and not address:
         workers = os.cpu_count() or 1
+        if opts.device.startswith("cuda"):  # one worker per GPU
+            import torch
+
+            workers = max(1, torch.cuda.device_count())
 
     info = opts.store_info()
     _check_store_params(out, info, overwrite)

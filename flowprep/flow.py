@@ -31,6 +31,10 @@ PRESETS: dict[str, dict] = {
 # Farneback has no presets: OpenCV's sample settings (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags).
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
 
+# Pairs per batched GPU solve: large enough to fill the GPU at 340x256, small enough for one video's
+# worth of frames to stream through without holding the video in memory.
+GPU_BATCH = 32
+
 FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 BatchFlowFn = Callable[[list, list], list]
 
@@ -51,7 +55,12 @@ def flow_params(algo: str, preset: str = "accurate") -> dict:
     raise ValueError(f"unknown flow algorithm {algo!r}; choose one of {ALGOS}")
 
 
-def _tvl1(p: dict):
+def opencv_tvl1(params: dict | None = None):
+    """`cv2.optflow.DualTVL1OpticalFlow` from our parameter names (missing ones as `accurate`).
+
+    Make one per frame size: OpenCV permanently lowers its nscales after a small image.
+    """
+    p = dict(ACCURATE, **(params or {}))
     # Positional: the Python binding misspells the inner-iterations keyword.
     return cv2.optflow.DualTVL1OpticalFlow_create(
         p["tau"], p["lambda_"], p["theta"], p["nscales"], p["warps"], p["epsilon"],
@@ -73,7 +82,7 @@ def make_flow(algo: str = "tvl1", preset: str = "accurate") -> FlowFn:
     def tvl1(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         solver = solvers.get(prev.shape)
         if solver is None:
-            solver = solvers[prev.shape] = _tvl1(p)
+            solver = solvers[prev.shape] = opencv_tvl1(p)
         return solver.calc(prev, nxt, None)
     return tvl1
 
@@ -82,15 +91,29 @@ def make_flow_batch(algo: str = "tvl1", preset: str = "accurate", device: str = 
     """(function(prevs, nexts) -> flows, preferred batch size) for lists of grayscale frame pairs.
 
     On CPU pairs go one by one through OpenCV (one core per worker; parallelism is across videos).
-    Other devices are the hook for the batched torch TV-L1 (flowprep/tvl1_torch.py).
+    On a GPU ('cuda', 'cuda:N') pairs are solved together by the batched torch TV-L1 (flowprep/tvl1_torch.py).
     """
     if device == "cpu":
         one = make_flow(algo, preset)
         return (lambda prevs, nexts: [one(a, b) for a, b in zip(prevs, nexts)]), 1
     if algo != "tvl1":
         raise ValueError(f"--device {device} supports --algo tvl1 only, got {algo!r}")
-    # GPU hook: not wired yet; the lead connects flowprep.tvl1_torch here (stack pairs, one tvl1 call per batch).
-    raise NotImplementedError(f"flow extraction on device {device!r} is not implemented yet; use --device cpu")
+    import torch
+
+    from flowprep.tvl1_torch import tvl1
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    params = flow_params(algo, preset)
+
+    @torch.no_grad()
+    def run(prevs: list, nexts: list) -> list:
+        # One batched solve for all pairs; frames travel as uint8 (4x fewer bytes than float).
+        a = torch.from_numpy(np.stack(prevs)).to(device, non_blocking=True)
+        b = torch.from_numpy(np.stack(nexts)).to(device, non_blocking=True)
+        return list(tvl1(a, b, **params).permute(0, 2, 3, 1).cpu().numpy())
+
+    return run, GPU_BATCH
 
 
 def set_single_thread() -> None:

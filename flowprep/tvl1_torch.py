@@ -26,13 +26,8 @@ inner iteration (the live count), which is cheap next to the iteration itself at
 Inputs are grayscale frames on the 0..255 scale (uint8, or float already in 0..255; note that
 OpenCV itself multiplies *float* input by 255, so compare with OpenCV using uint8 frames).
 
-Presets (`PRESETS`, shared with the OpenCV path in flowprep):
-- `accurate`: OpenCV's defaults (tau 0.25, lambda 0.15, theta 0.3, nscales 5, warps 5, epsilon 0.01,
-  inner 30, outer 10, scale_step 0.8, median 5).
-- `fast`: warps 3, inner 10, outer 2 (rest as `accurate`, nscales stays 5): at most 20 iterations
-  per warp instead of 300; OpenCV runs it ~2.7x faster at 340x256 and it recovers a known ~7 px
-  motion as well as `accurate` (tests/test_tvl1_torch.py); on real clips its flow stays within
-  ~0.07 px (median) of `accurate`'s, with larger differences in textureless areas.
+Parameters and presets are those of the OpenCV path (`flowprep.flow.PRESETS`), so
+`--preset accurate|fast` mean the same on both devices.
 """
 
 from __future__ import annotations
@@ -44,43 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ACCURATE = dict(
-    tau=0.25,
-    lambda_=0.15,
-    theta=0.3,
-    nscales=5,
-    warps=5,
-    epsilon=0.01,
-    inner_iterations=30,
-    outer_iterations=10,
-    scale_step=0.8,
-    median_filtering=5,
-)
-PRESETS: dict[str, dict] = {
-    "accurate": dict(ACCURATE),
-    # all 5 scales are kept: with 3 the coarsest level is too fine to catch ~7 px motion
-    "fast": dict(ACCURATE, warps=3, inner_iterations=10, outer_iterations=2),
-}
+from flowprep.flow import PRESETS  # noqa: F401  (one set of presets for both devices)
 
 _FLT_EPSILON = float(np.finfo(np.float32).eps)  # std::numeric_limits<float>::epsilon() in estimateV
 _COMPACT_FRACTION = 0.75  # shrink the working batch when at most this share of it is still live
 _MEDIAN_CHUNK = 1 << 27  # elements of the k*k median intermediates per chunk (512 MiB float32)
-
-
-def opencv_tvl1(params: dict | None = None):
-    """`cv2.optflow.DualTVL1OpticalFlow` with this module's parameter names (e.g. `PRESETS["fast"]`).
-
-    Positional arguments because the binding misspells one keyword (`innnerIterations`). Make a new
-    object per frame size: OpenCV permanently lowers its nscales after a small image.
-    """
-    import cv2
-
-    p = dict(ACCURATE, **(params or {}))
-    return cv2.optflow.DualTVL1OpticalFlow_create(
-        p["tau"], p["lambda_"], p["theta"], p["nscales"], p["warps"], p["epsilon"],
-        p["inner_iterations"], p["outer_iterations"], p["scale_step"], 0.0, p["median_filtering"], False,
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # building blocks, each matching the OpenCV function named in its docstring

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowprep.tvl1_torch import PRESETS, calc_flow_numpy, opencv_tvl1, tvl1
+from flowprep.flow import PRESETS, opencv_tvl1
+from flowprep.tvl1_torch import calc_flow_numpy, tvl1
 
 cv2.setNumThreads(1)  # OpenCV's reference flow is then deterministic
 
