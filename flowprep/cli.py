@@ -102,8 +102,9 @@ def main() -> None:
 @click.option("--rgb/--no-rgb", default=True, help="Also store RGB frames. --no-rgb stores flow only (temporal "
               "stream); 'frames' still counts decoded frames, so flows = frames - 1.")
 @click.option("--overwrite", is_flag=True, help="Redo every video, even complete ones, and accept new parameters.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
-              help="cpu: OpenCV TV-L1, one core per worker; cuda: batched torch TV-L1 on the GPU.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "torch-cpu"]), default="cpu",
+              help="cpu: OpenCV TV-L1, one core per worker; cuda: batched torch TV-L1, one worker per GPU; "
+                   "torch-cpu: the torch TV-L1 on the CPU (to compare it with OpenCV where there is no GPU).")
 def extract(videos, out, list_file, workers, backend, address, fmt, size, short_side, bound, jpeg_quality, step,
             max_frames, algo, preset, rgb, overwrite, device):
     """Extract RGB frames and TV-L1 flow of every video into a store.

@@ -91,7 +91,8 @@ def make_flow_batch(algo: str = "tvl1", preset: str = "accurate", device: str = 
     """(function(prevs, nexts) -> flows, preferred batch size) for lists of grayscale frame pairs.
 
     On CPU pairs go one by one through OpenCV (one core per worker; parallelism is across videos).
-    On a GPU ('cuda', 'cuda:N') pairs are solved together by the batched torch TV-L1 (flowprep/tvl1_torch.py).
+    On a GPU ('cuda', 'cuda:N') pairs are solved together by the batched torch TV-L1 (flowprep/tvl1_torch.py);
+    'torch-cpu' runs that implementation on the CPU (slow; for checking it where there is no GPU).
     """
     if device == "cpu":
         one = make_flow(algo, preset)
@@ -105,6 +106,10 @@ def make_flow_batch(algo: str = "tvl1", preset: str = "accurate", device: str = 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     params = flow_params(algo, preset)
+    # 'torch-cpu': the torch implementation on the CPU, to check it against OpenCV without a GPU.
+    if device == "torch-cpu":
+        device = "cpu"
+        torch.set_num_threads(1)  # one core per worker, as the OpenCV path
 
     @torch.no_grad()
     def run(prevs: list, nexts: list) -> list:

@@ -114,3 +114,25 @@ def test_bad_inputs_raise_value_error_naming_the_problem():
         calc_flow_numpy(np.zeros((48, 64), np.uint8), np.zeros((48, 65), np.uint8))
     with pytest.raises(ValueError, match="scale_step"):
         tvl1(torch.zeros(48, 64), torch.zeros(48, 64), scale_step=1.5)
+
+
+def test_torch_flow_store_matches_opencv_store(tmp_path):
+    """The extraction path with the torch TV-L1 (as --device cuda uses it) writes a store whose flow
+    matches the OpenCV store's to within JPEG/quantization noise, so models move between them."""
+    from flowprep.extract import ExtractOptions, extract_video
+    from flowprep.quant import dequantize
+    from flowprep.store import Store, write_store_info
+    from videos import write_moving_video
+
+    src = write_moving_video(tmp_path / "A" / "clip.avi", n=6, h=48, w=64)
+    flows = {}
+    for device in ("cpu", "torch-cpu"):
+        opts = ExtractOptions(size=(64, 48), preset="fast", device=device)
+        root = tmp_path / device
+        write_store_info(root, opts.store_info())
+        assert extract_video(src, root, "A/clip", opts)["status"] == "ok"
+        with Store(root).open("A/clip") as v:
+            assert (v.num_frames, v.num_flows) == (6, 5)
+            flows[device] = np.stack([dequantize(v.flow(i)) for i in range(v.num_flows)])
+    assert np.abs(flows["cpu"]).mean() > 0.3  # there is motion to agree on
+    assert np.abs(flows["cpu"] - flows["torch-cpu"]).mean() < 0.1
