@@ -112,7 +112,7 @@ def extract(videos, out, list_file, workers, backend, address, fmt, size, short_
     Resumable: re-running skips videos that are complete in the store. Exit status 0 when every
     video is done, 1 when some failed (the others are still extracted), 2 for a usage error.
     """
-    if device == "cuda":
+    if device == "cuda" and not address:  # on a cluster, the GPUs are the cluster's (checked there)
         import torch
 
         if not torch.cuda.is_available():

@@ -102,18 +102,19 @@ def failed_record(video_id: str, src: str | Path, error: str, seconds: float = 0
 
 
 def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: ExtractOptions,
-                  *, _test_exit_marker: str | None = None) -> dict:
+                  *, flow_batch: tuple | None = None, _test_exit_marker: str | None = None) -> dict:
     """Extract one video into the store; returns its manifest record (status "ok" or "failed").
 
     Never raises for a bad video: the reason goes into record["error"] and nothing is left in
-    the store (the temporary copy is removed).
+    the store (the temporary copy is removed). `flow_batch`: a (function, batch size) pair to
+    compute flow with instead of `make_flow_batch(opts...)` (e.g. a GPU service's).
     """
     t0 = time.perf_counter()
     src = Path(src)
     writer = None
     try:
         info = probe(src)
-        flow_batch, batch = make_flow_batch(opts.algo, opts.preset, opts.device)
+        flow_batch, batch = flow_batch or make_flow_batch(opts.algo, opts.preset, opts.device)
         writer = open_writer(opts.format, store_root, video_id, opts.jpeg_quality)
         prevs: list = []
         nexts: list = []
@@ -162,10 +163,19 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
         return failed_record(video_id, src, reason, time.perf_counter() - t0)
 
 
-def _run_one(src: str, root: str, video_id: str, opts: ExtractOptions, marker: str | None) -> dict:
-    """Task body for both backends (a module-level function, so workers import it by name)."""
+def _run_one(src: str, root: str, video_id: str, opts: ExtractOptions, marker: str | None, service=None) -> dict:
+    """Task body for both backends (a module-level function, so workers import it by name).
+
+    `service`: a FlowService actor (Ray, --device cuda) that computes this task's flow batches.
+    """
     set_single_thread()
-    return extract_video(src, root, video_id, opts, _test_exit_marker=marker)
+    flow_batch = None
+    if service is not None:
+        from flowprep.flow import GPU_BATCH
+        from flowprep.flow_service import service_flow_batch
+
+        flow_batch = service_flow_batch(service, GPU_BATCH)
+    return extract_video(src, root, video_id, opts, flow_batch=flow_batch, _test_exit_marker=marker)
 
 
 # ---------------------------------------------------------------- backends
@@ -199,16 +209,26 @@ def _run_ray(todo, out: Path, opts: ExtractOptions, workers: int, address: str |
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # max_retries: a task whose worker process dies (OOM kill, node loss) runs again from scratch;
         # retry_exceptions=False: extract_video already turns bad input into a "failed" record.
-        # On --device cuda each task holds a whole GPU (num_gpus=1): one process per GPU, as the
-        # CUDA TV-L1 is neither cheap to share nor deterministic under threads.
-        gpus = 1 if opts.device.startswith("cuda") else 0
-        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3, retry_exceptions=False)(_run_one)
+        # Off the CPU, one FlowService actor per GPU computes the flow for every task (flow_service.py).
+        services = []
+        if opts.device != "cpu":
+            from flowprep.flow_service import start_services
+
+            try:
+                services = start_services(ray, opts, own)
+            except RuntimeError as e:
+                raise ExtractError(str(e)) from None
+        task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(_run_one)
         queue = iter(todo)
         inflight: dict = {}
+        submitted = 0
 
         def submit() -> None:
+            nonlocal submitted
             for vid, src in queue:
-                inflight[task.remote(str(src), str(out), vid, opts, markers.get(vid))] = (vid, src)
+                service = services[submitted % len(services)] if services else None
+                inflight[task.remote(str(src), str(out), vid, opts, markers.get(vid), service)] = (vid, src)
+                submitted += 1
                 return
 
         # Bounded in-flight, so the driver never queues the whole dataset. On a cluster we started,
@@ -298,7 +318,8 @@ def run_extract(videos: str | Path, out: str | Path, opts: ExtractOptions = Extr
     if address and backend != "ray":
         raise ExtractError("--address names a Ray cluster; it needs --backend ray")
     try:
-        make_flow_batch(opts.algo, opts.preset, opts.device)
+        if not (address and opts.device.startswith("cuda")):  # a cluster's GPUs are checked on the cluster
+            make_flow_batch(opts.algo, opts.preset, opts.device)
     except (ValueError, NotImplementedError) as e:
         raise ExtractError(str(e)) from None
     try:
@@ -310,7 +331,7 @@ def run_extract(videos: str | Path, out: str | Path, opts: ExtractOptions = Extr
                            " (looked for .avi .mp4 .mkv .mov .webm .mpg .mpeg .flv .wmv .m4v)"))
     if not workers and not address:
         workers = os.cpu_count() or 1
-        if opts.device.startswith("cuda"):  # one worker per GPU
+        if opts.device.startswith("cuda") and backend == "joblib":  # one process per GPU
             import torch
 
             workers = max(1, torch.cuda.device_count())

@@ -160,3 +160,16 @@ def _list(root, tmp_path):
     path = tmp_path / "list.txt"
     path.write_text("run/v3.avi 3\n")
     return path
+
+
+def test_flow_service_path_matches_per_process_flow(videos, ray_cluster, tmp_path):
+    """--device cuda on Ray sends every task's frame pairs to one FlowService actor per GPU; run here
+    with the torch TV-L1 on the CPU, it must write exactly what per-process torch flow writes."""
+    root, _ = videos
+    opts = ExtractOptions(**{**OPTS.__dict__, "device": "torch-cpu"})
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{vid}.avi\n" for vid in GOOD[:2]))
+    via_service = run_extract(root, tmp_path / "ray", opts, list_file=lst, workers=2, backend="ray", progress=False)
+    per_process = run_extract(root, tmp_path / "jl", opts, list_file=lst, workers=2, backend="joblib", progress=False)
+    assert sorted(via_service.done) == sorted(per_process.done) == GOOD[:2]
+    assert_same_store(tmp_path / "ray", tmp_path / "jl")
