@@ -4,6 +4,7 @@ look-alike classes and only the fusion tells all four apart, so the fused accura
 both streams; a bug anywhere along the way (flow, channel order, flips, scores alignment,
 fusion) costs the fusion its lead."""
 import json
+from pathlib import Path
 
 from flowprep.extract import ExtractOptions, run_extract
 from flowprep.synth import synth_dataset
@@ -19,7 +20,7 @@ def test_synth_extract_train_fuse(tmp_path):
                           backend="joblib", progress=False)
     assert summary.exit_code == 0 and len(summary.done) == 64
 
-    cfg = load_pipeline("pipelines/demo.toml")
+    cfg = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml")
     for o in [f"data.videos={json.dumps(str(videos))}", f"data.store={json.dumps(str(store))}",
               f"data.splits={json.dumps(str(videos / 'ucfTrainTestlist'))}", f"out={json.dumps(str(runs))}",
               "data.val_fraction=0.34", "train.epochs=25", "train.crop_size=48",
