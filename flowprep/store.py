@@ -13,8 +13,8 @@ HDF5 store (one file per video instead of thousands of small files)::
     OUT/<class>/<video>.h5   datasets rgb, flow_x, flow_y: one JPEG-encoded frame per element
                              (variable-length uint8, chunked one frame per chunk), attrs as meta.json
 
-Flow is kept JPEG-encoded in HDF5 too: measured about 9 KiB per flow frame against about
-19 KiB for gzip'd raw uint8, and decoding a JPEG is cheaper than inflating the raw frame.
+Flow is kept JPEG-encoded in HDF5 too: on bikes.mp4 at 340x256, 4.2 KiB per flow component
+frame against 10.2 KiB for gzip'd (level 4) raw uint8 chunks.
 
 With `--no-rgb` a video keeps only its flow: meta "rgb" is false, no img files / an empty rgb
 dataset, and "frames" still counts the decoded frames, so flows = frames - 1 holds in every store.
