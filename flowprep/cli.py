@@ -8,6 +8,7 @@ import click
 
 from flowprep.extract import BACKENDS, DEFAULT_SIZE, ExtractError, ExtractOptions, run_extract
 from flowprep.flow import ALGOS, FARNEBACK, PRESETS
+from flowprep.quant import DEFAULT_BOUND
 from flowprep.store import FORMATS, StoreError
 from flowprep.synth import synth_command
 from flowprep.video import parse_size
@@ -89,7 +90,8 @@ def main() -> None:
               help=f"Resize every frame to exactly WxH before flow [default: {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}].")
 @click.option("--short-side", type=int, default=None, help="Instead of --size: scale so the short side is N, "
               "keeping the aspect ratio.")
-@click.option("--bound", type=float, default=20.0, help="Clip flow to +-bound pixels before quantizing to uint8.")
+@click.option("--bound", type=float, default=DEFAULT_BOUND,
+              help="Clip flow to +-bound pixels before quantizing to uint8.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, help="JPEG quality of frames and flows.")
 @click.option("--step", type=click.IntRange(min=1), default=1, help="Keep every step-th frame; flow is between "
               "consecutive kept frames.")
@@ -112,12 +114,6 @@ def extract(videos, out, list_file, workers, backend, address, fmt, size, short_
     Resumable: re-running skips videos that are complete in the store. Exit status 0 when every
     video is done, 1 when some failed (the others are still extracted), 2 for a usage error.
     """
-    if device == "cuda" and not address:  # on a cluster, the GPUs are the cluster's (checked there)
-        import torch
-
-        if not torch.cuda.is_available():
-            raise click.UsageError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is "
-                                   "False); use --device cpu")
     ctx = click.get_current_context()
     if short_side is not None and ctx.get_parameter_source("size") == click.core.ParameterSource.DEFAULT_MAP:
         size = None  # --short-side on the command line replaces the pipeline's size

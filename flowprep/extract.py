@@ -1,9 +1,9 @@
 """Extraction: one video into the store (`extract_video`), and a whole folder on Ray or joblib (`run_extract`).
 
 A video streams through decode -> resize -> RGB JPEG -> flow against the previous frame -> quantize
--> flow JPEGs, holding two frames at a time, into a temporary name that is renamed into place
-only when the video is whole. Bad input never raises out of a task: it comes back as a record
-with status "failed" and the reason, and every other video is still extracted.
+-> flow JPEGs, holding two frames at a time (a batch of pairs with a GPU), into a temporary name
+that is renamed into place only when the video is whole. Bad input never raises out of a task: it
+comes back as a record with status "failed" and the reason, and every other video is still extracted.
 
 The job is resumable: a video whose stored copy passes `Store.check` is skipped, anything else
 (missing, half-written, killed mid-way) is redone. Stores hold no timestamps, so the same input
@@ -25,7 +25,7 @@ from typing import Iterator
 import click
 import cv2
 
-from flowprep.flow import ALGOS, make_flow_batch, flow_params, set_single_thread
+from flowprep.flow import ALGOS, check_device, flow_params, make_flow_batch, set_single_thread
 from flowprep.quant import DEFAULT_BOUND, quantize
 from flowprep.store import (FORMATS, Store, StoreError, append_manifest, clean_temps, open_writer, read_manifest,
                             read_store_info, video_class, video_path, write_list_file, write_store_info)
@@ -96,9 +96,16 @@ class ExtractOptions:
         }
 
 
+def manifest_record(video_id: str, src: str | Path, *, frames: int = 0, flows: int = 0, size: list | None = None,
+                    seconds: float = 0.0, error: str | None = None) -> dict:
+    """One line of OUT/manifest.jsonl: status "ok" unless `error` says why the video failed."""
+    return {"id": video_id, "label": video_class(video_id), "source": str(src),
+            "status": "ok" if error is None else "failed", "frames": frames, "flows": flows, "size": size,
+            "seconds": round(seconds, 3), "error": error}
+
+
 def failed_record(video_id: str, src: str | Path, error: str, seconds: float = 0.0) -> dict:
-    return {"id": video_id, "label": video_class(video_id), "source": str(src), "status": "failed",
-            "frames": 0, "flows": 0, "size": None, "seconds": round(seconds, 3), "error": error}
+    return manifest_record(video_id, src, seconds=seconds, error=error)
 
 
 def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: ExtractOptions,
@@ -126,7 +133,6 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
             nexts.clear()
 
         prev = None
-        size = None
         for frame in read_frames(src, opts.size, opts.short_side, opts.step, opts.max_frames):
             if opts.rgb:
                 writer.write_rgb(frame)
@@ -139,7 +145,6 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
                 if len(prevs) >= batch:
                     flush()
             prev = gray
-            size = [frame.shape[1], frame.shape[0]]
             if _test_exit_marker and writer.flows >= 2:
                 try:
                     os.close(os.open(_test_exit_marker, os.O_CREAT | os.O_EXCL))
@@ -147,13 +152,13 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
                 except FileExistsError:
                     pass
         flush()
+        size = [frame.shape[1], frame.shape[0]]  # read_frames yields at least 2 frames or raises
         meta = dict(opts.store_info(), id=video_id, label=video_class(video_id), source=str(src.resolve()),
                     fps=info.fps, source_frames=info.frames, source_size=[info.width, info.height],
                     size=size)
         writer.commit(meta)
-        return {"id": video_id, "label": video_class(video_id), "source": str(src), "status": "ok",
-                "frames": writer.frames, "flows": writer.flows, "size": size,
-                "seconds": round(time.perf_counter() - t0, 3), "error": None}
+        return manifest_record(video_id, src, frames=writer.frames, flows=writer.flows, size=size,
+                               seconds=time.perf_counter() - t0)
     except BaseException as e:
         if writer is not None:
             writer.abort()
@@ -171,10 +176,9 @@ def _run_one(src: str, root: str, video_id: str, opts: ExtractOptions, marker: s
     set_single_thread()
     flow_batch = None
     if service is not None:
-        from flowprep.flow import GPU_BATCH
         from flowprep.flow_service import service_flow_batch
 
-        flow_batch = service_flow_batch(service, GPU_BATCH)
+        flow_batch = service_flow_batch(service)
     return extract_video(src, root, video_id, opts, flow_batch=flow_batch, _test_exit_marker=marker)
 
 
@@ -215,7 +219,7 @@ def _run_ray(todo, out: Path, opts: ExtractOptions, workers: int, address: str |
             from flowprep.flow_service import start_services
 
             try:
-                services = start_services(ray, opts, own)
+                services = start_services(ray, opts)
             except RuntimeError as e:
                 raise ExtractError(str(e)) from None
         task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(_run_one)
@@ -319,8 +323,8 @@ def run_extract(videos: str | Path, out: str | Path, opts: ExtractOptions = Extr
         raise ExtractError("--address names a Ray cluster; it needs --backend ray")
     try:
         if not (address and opts.device.startswith("cuda")):  # a cluster's GPUs are checked on the cluster
-            make_flow_batch(opts.algo, opts.preset, opts.device)
-    except (ValueError, NotImplementedError) as e:
+            check_device(opts.algo, opts.device)
+    except ValueError as e:
         raise ExtractError(str(e)) from None
     try:
         found = find_videos(videos, list_file)
@@ -351,9 +355,8 @@ def run_extract(videos: str | Path, out: str | Path, opts: ExtractOptions = Extr
             summary.skipped.append(vid)
             if manifest.get(vid, {}).get("status") != "ok":  # manifest lost or stale: rebuild the record
                 with store.open(vid) as v:
-                    append_manifest(out, {"id": vid, "label": video_class(vid), "source": str(src), "status": "ok",
-                                          "frames": v.num_frames, "flows": v.num_flows, "size": v.meta.get("size"),
-                                          "seconds": 0.0, "error": None})
+                    append_manifest(out, manifest_record(vid, src, frames=v.num_frames, flows=v.num_flows,
+                                                         size=v.meta.get("size")))
         else:
             todo.append((vid, src))
 

@@ -39,11 +39,6 @@ FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 BatchFlowFn = Callable[[list, list], list]
 
 
-def describe_presets() -> str:
-    """One line per preset with its numbers (for --help)."""
-    return "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in PRESETS.items())
-
-
 def flow_params(algo: str, preset: str = "accurate") -> dict:
     """The exact parameters `make_flow(algo, preset)` uses (recorded in every stored video)."""
     if algo == "tvl1":
@@ -87,6 +82,19 @@ def make_flow(algo: str = "tvl1", preset: str = "accurate") -> FlowFn:
     return tvl1
 
 
+def check_device(algo: str, device: str) -> None:
+    """Raise ValueError when `algo` cannot run on `device` here (no side effects, unlike building the solver)."""
+    if device == "cpu":
+        return
+    if algo != "tvl1":
+        raise ValueError(f"--device {device} supports --algo tvl1 only, got {algo!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+
+
 def make_flow_batch(algo: str = "tvl1", preset: str = "accurate", device: str = "cpu") -> tuple[BatchFlowFn, int]:
     """(function(prevs, nexts) -> flows, preferred batch size) for lists of grayscale frame pairs.
 
@@ -94,17 +102,14 @@ def make_flow_batch(algo: str = "tvl1", preset: str = "accurate", device: str = 
     On a GPU ('cuda', 'cuda:N') pairs are solved together by the batched torch TV-L1 (flowprep/tvl1_torch.py);
     'torch-cpu' runs that implementation on the CPU (slow; for checking it where there is no GPU).
     """
+    check_device(algo, device)
     if device == "cpu":
         one = make_flow(algo, preset)
         return (lambda prevs, nexts: [one(a, b) for a, b in zip(prevs, nexts)]), 1
-    if algo != "tvl1":
-        raise ValueError(f"--device {device} supports --algo tvl1 only, got {algo!r}")
     import torch
 
     from flowprep.tvl1_torch import tvl1
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     params = flow_params(algo, preset)
     # 'torch-cpu': the torch implementation on the CPU, to check it against OpenCV without a GPU.
     if device == "torch-cpu":

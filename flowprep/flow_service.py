@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowprep.flow import make_flow_batch
+from flowprep.flow import GPU_BATCH, make_flow_batch
 
 
 class FlowService:
@@ -24,17 +24,17 @@ class FlowService:
         return self.solve(list(prevs), list(nexts))
 
 
-def service_flow_batch(service, batch: int):
+def service_flow_batch(service):
     """The (flow_batch, batch) pair `extract_video` takes, forwarding each batch to a Ray actor."""
     import ray
 
     def run(prevs: list, nexts: list) -> list:
         return ray.get(service.flow.remote(np.stack(prevs), np.stack(nexts)))
 
-    return run, batch
+    return run, GPU_BATCH
 
 
-def start_services(ray, opts, own_cluster: bool) -> list:
+def start_services(ray, opts) -> list:
     """One FlowService per GPU of the cluster ('torch-cpu': one on a CPU, for tests without a GPU)."""
     if opts.device == "torch-cpu":
         count, gpus = 1, 0

@@ -5,15 +5,13 @@ full saturation; the sheet's header draws the wheel as the legend.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from flowprep.quant import dequantize
-from flowprep.store import Store
+from flowprep.store import Store, write_atomic
 
 
 def flow_to_color(flow: np.ndarray, max_magnitude: float | None = None) -> np.ndarray:
@@ -83,7 +81,5 @@ def write_contact_sheet(root: str | Path, video_id: str, out: str | Path, n: int
     if not ok:
         raise RuntimeError("OpenCV could not PNG-encode the contact sheet")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp.{out.name}.{uuid.uuid4().hex}")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, out)
+    write_atomic(out, buf.tobytes())
     return out

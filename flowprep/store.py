@@ -77,10 +77,15 @@ def decode_jpeg(data: bytes | np.ndarray, gray: bool) -> np.ndarray:
 
 # ---------------------------------------------------------------- store-level files
 
-def write_json_atomic(path: Path, obj: dict) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write under a temporary name, then rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def read_store_info(root: str | Path) -> dict:
@@ -124,9 +129,7 @@ def write_list_file(root: str | Path, records: Iterable[dict]) -> Path:
     classes = sorted({video_class(r["id"]) for r in done})
     index = {c: i for i, c in enumerate(classes)}
     path = Path(root) / LIST_FILE
-    tmp = path.with_name(f"{TMP_PREFIX}{LIST_FILE}.{uuid.uuid4().hex}")
-    tmp.write_text("".join(f"{r['id']} {r['frames']} {index[video_class(r['id'])]}\n" for r in done))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(f"{r['id']} {r['frames']} {index[video_class(r['id'])]}\n" for r in done))
     return path
 
 

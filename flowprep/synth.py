@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tomllib
 import os
 import shutil
 import uuid
@@ -34,6 +33,7 @@ import click
 import cv2
 import numpy as np
 
+from flowprep.store import write_atomic
 from flowprep.video import parse_size
 
 # RGB colours of equal luminance (~79.9 grey levels) so the grey image does not show the colour.
@@ -56,11 +56,6 @@ class SynthError(ValueError):
 
 def class_name(colour: str, motion: str) -> str:
     return f"{colour}{motion}"
-
-
-def luminance(rgb: tuple[int, int, int]) -> float:
-    r, g, b = rgb
-    return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.ndarray:
@@ -146,10 +141,9 @@ def write_avi(path: Path, frames: list[np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp.{uuid.uuid4().hex}.{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _default_test_groups(groups: int) -> int:
+    """30% of the groups (at least one) form the test split unless told otherwise."""
+    return max(1, round(0.3 * groups))
 
 
 def synth_dataset(out: str | Path, *, videos_per_class: int = 24, frames: int = 24,
@@ -181,7 +175,7 @@ def synth_dataset(out: str | Path, *, videos_per_class: int = 24, frames: int = 
         raise SynthError(f"need at least 2 groups for a train/test split; got {groups} "
                          f"({videos_per_class} videos per class / {clips_per_group} clips per group)")
     if test_groups is None:
-        test_groups = max(1, round(0.3 * groups))
+        test_groups = _default_test_groups(groups)
     if not 1 <= test_groups < groups:
         raise SynthError(f"test_groups must be between 1 and {groups - 1}, got {test_groups}")
     if out.exists() and any(out.iterdir()):
@@ -219,17 +213,17 @@ def synth_dataset(out: str | Path, *, videos_per_class: int = 24, frames: int = 
     splits = out / SPLITS_DIR
     splits.mkdir(exist_ok=True)
     index = {cls: i + 1 for i, cls in enumerate(classes)}  # UCF class indices are 1-based
-    _write_text(splits / "classInd.txt", "".join(f"{index[c]} {c}\n" for c in classes))
-    _write_text(splits / "trainlist01.txt",
-                "".join(f"{r['path']} {index[r['class']]}\n" for r in records if r["split"] == "train"))
-    _write_text(splits / "testlist01.txt", "".join(f"{r['path']}\n" for r in records if r["split"] == "test"))
+    write_atomic(splits / "classInd.txt", "".join(f"{index[c]} {c}\n" for c in classes))
+    write_atomic(splits / "trainlist01.txt",
+                 "".join(f"{r['path']} {index[r['class']]}\n" for r in records if r["split"] == "train"))
+    write_atomic(splits / "testlist01.txt", "".join(f"{r['path']}\n" for r in records if r["split"] == "test"))
     summary = {"classes": classes, "videos": len(records), "groups": groups,
                "settings": synth_settings(videos_per_class=videos_per_class, frames=frames, size=size, seed=seed,
                                           colours=colours, motions=motions, clips_per_group=clips_per_group,
                                           test_groups=test_groups),
                "train_videos": sum(r["split"] == "train" for r in records),
                "test_videos": sum(r["split"] == "test" for r in records)}
-    _write_text(out / "synth.json", json.dumps({**summary, "video_records": records}, indent=1, sort_keys=True) + "\n")
+    write_atomic(out / "synth.json", json.dumps({**summary, "video_records": records}, indent=1, sort_keys=True) + "\n")
     return {"out": str(out), **summary}
 
 
@@ -240,7 +234,7 @@ def synth_settings(*, videos_per_class: int, frames: int, size: tuple[int, int],
     groups = videos_per_class // max(clips_per_group, 1)
     return {"videos_per_class": videos_per_class, "frames": frames, "size": [int(size[0]), int(size[1])],
             "seed": seed, "colours": list(colours), "motions": list(motions), "clips_per_group": clips_per_group,
-            "test_groups": max(1, round(0.3 * groups)) if test_groups is None else test_groups,
+            "test_groups": _default_test_groups(groups) if test_groups is None else test_groups,
             "version": SYNTH_VERSION}
 
 
@@ -265,10 +259,12 @@ def _names(value) -> tuple[str, ...]:
 
 def settings_from_pipeline(path: Path) -> tuple[Path, dict]:
     """(videos root, [synth] settings) of a pipeline TOML: the set goes where `flowprep extract` reads."""
+    from trainer.config import ConfigError, load_pipeline
+
     try:
-        cfg = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise click.UsageError(f"cannot read pipeline {path}: {e}") from e
+        cfg = load_pipeline(path)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
     videos = cfg.get("data", {}).get("videos")
     if not videos:
         raise click.UsageError(f"pipeline {path} has no data.videos (where the synthetic set goes)")

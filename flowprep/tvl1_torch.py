@@ -39,8 +39,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flowprep.flow import PRESETS  # noqa: F401  (one set of presets for both devices)
-
 _FLT_EPSILON = float(np.finfo(np.float32).eps)  # std::numeric_limits<float>::epsilon() in estimateV
 _COMPACT_FRACTION = 0.75  # shrink the working batch when at most this share of it is still live
 _MEDIAN_CHUNK = 1 << 27  # elements of the k*k median intermediates per chunk (512 MiB float32)

@@ -47,12 +47,14 @@ def verify_video(store: Store, video_id: str) -> tuple[str | None, int, int]:
             frames = v.num_frames if v.has_rgb else 0
             for i in range(frames):
                 where = f"img {i + 1}"
-                if v.rgb(i).shape != (h, w, 3):
-                    return f"{where} has shape {v.rgb(i).shape}, expected {(h, w, 3)}", 0, 0
+                shape = v.rgb(i).shape
+                if shape != (h, w, 3):
+                    return f"{where} has shape {shape}, expected {(h, w, 3)}", 0, 0
             for i in range(v.num_flows):
                 where = f"flow {i + 1}"
-                if v.flow(i).shape != (h, w, 2):
-                    return f"{where} has shape {v.flow(i).shape}, expected {(h, w, 2)}", 0, 0
+                shape = v.flow(i).shape
+                if shape != (h, w, 2):
+                    return f"{where} has shape {shape}, expected {(h, w, 2)}", 0, 0
             flows = v.num_flows
     except (StoreError, OSError, KeyError, ValueError) as e:
         return f"{where}: {e}", 0, 0

@@ -104,3 +104,19 @@ def test_check_videos_names_missing_and_incomplete_or_skips(tmp_path, fmt, capsy
     kept, counts = check_videos(Store(root), part, skip_missing=True)
     assert kept.video_ids == ["a/ok"] and counts == [(3, 2)]
     assert "skipping 2" in capsys.readouterr().err
+
+
+def test_flow_only_videos_are_rejected_for_the_spatial_stream_only(tmp_path):
+    root = tmp_path / "store"
+    write_store_info(root, {"format": "jpeg"})
+    with open_writer("jpeg", root, "a/flowonly") as w:  # as `flowprep extract --no-rgb` writes it
+        for _ in range(3):
+            w.skip_rgb()
+        for _ in range(2):
+            w.write_flow(np.full((8, 8, 2), 128, np.uint8))
+        w.commit({})
+    part = Part(["a/flowonly"], [0])
+    kept, counts = check_videos(Store(root), part)  # temporal: flow is all it needs
+    assert kept.video_ids == ["a/flowonly"] and counts == [(3, 2)]
+    with pytest.raises(StoreError, match="--no-rgb"):
+        check_videos(Store(root), part, need_rgb=True)

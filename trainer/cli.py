@@ -11,7 +11,7 @@ import os
 import click
 
 from flowprep.store import StoreError
-from trainer.config import ConfigError, apply_override, load_pipeline
+from trainer.config import ConfigError, apply_override, load_pipeline, set_key
 from trainer.fuse_eval import fuse_eval_command
 from trainer.models import ModelError
 from trainer.splits import SplitError
@@ -28,13 +28,8 @@ def build_config(pipeline: str, stream: str, options: dict, overrides: tuple[str
              "resume": f"{stream}.resume"}
     cfg = load_pipeline(pipeline)
     for key, value in options.items():
-        if value is None or value is False:
-            continue
-        node = cfg
-        *sections, last = names[key].split(".")
-        for s in sections:
-            node = node.setdefault(s, {})
-        node[last] = value
+        if value is not None and value is not False:  # not given on the command line
+            set_key(cfg, names[key], value)
     for o in overrides:
         apply_override(cfg, o)
     return cfg

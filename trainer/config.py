@@ -22,19 +22,28 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_override(cfg: dict, override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} is not of the form section.key=value")
-    dotted, text = override.split("=", 1)
+def set_key(cfg: dict, dotted: str, value: Any, what: str = "") -> None:
+    """Set cfg[a][b]... = value for a dotted key "a.b...", creating sections as needed.
+
+    `what` names the setting in error messages (default: the dotted key).
+    """
+    what = what or dotted
     keys = [k.strip() for k in dotted.split(".") if k.strip()]
     if not keys:
-        raise ConfigError(f"override {override!r} names no key")
+        raise ConfigError(f"override {what!r} names no key")
     node = cfg
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {k!r} is a value, not a section")
-    node[keys[-1]] = parse_value(text.strip())
+            raise ConfigError(f"override {what!r}: {k!r} is a value, not a section")
+    node[keys[-1]] = value
+
+
+def apply_override(cfg: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    dotted, text = override.split("=", 1)
+    set_key(cfg, dotted, parse_value(text.strip()), override)
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 
 from flowprep.store import Store
-from trainer import transforms as T
 from trainer.config import ConfigError
 from trainer.data import ProtocolDataset, make_loader
 from trainer.models import build_model
 from trainer.scores import Scores, save_scores
 from trainer.splits import PARTS, check_videos, split_from_config
-from trainer.train import pick_device, stream_config
+from trainer.train import image_logits, pick_device, stream_config
 
 EVAL_DEFAULTS = dict(segments=25, crops="center", batch_size=32)
 
@@ -38,20 +37,16 @@ def predict(model, loader, device, stream: str, mean_subtraction: bool, n_videos
             show: bool = True) -> np.ndarray:
     """Softmax averaged per video over every (sample, crop) the loader yields for it."""
     model.eval()
-    sums = torch.zeros(n_videos, n_classes, dtype=torch.float64)
-    counts = torch.zeros(n_videos, dtype=torch.float64)
+    # Sums stay on the device: no host sync per batch, so the GPU queue stays full.
+    sums = torch.zeros(n_videos, n_classes, dtype=torch.float64, device=device)
+    counts = torch.zeros(n_videos, dtype=torch.float64, device=device)
     with click.progressbar(loader, label=f"{stream} test protocol", file=sys.stderr, hidden=not show) as bar:
         for x, j in bar:
-            b, crops = x.shape[:2]
-            x = T.normalize(x.to(device, non_blocking=True).flatten(0, 1), stream, mean_subtraction)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x)
-            probs = logits.float().softmax(1).view(b, crops, -1).mean(1).double().cpu()
+            j = j.to(device, non_blocking=True)
+            probs = image_logits(model, x, device, stream, mean_subtraction).softmax(-1).mean(1).double()
             sums.index_add_(0, j, probs)
-            counts.index_add_(0, j, torch.ones(b, dtype=torch.float64))
-    return (sums / counts.clamp(min=1)[:, None]).numpy()
+            counts.index_add_(0, j, torch.ones_like(j, dtype=torch.float64))
+    return (sums / counts.clamp(min=1)[:, None]).cpu().numpy()
 
 
 def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None = None, show: bool = True) -> Scores:
@@ -77,7 +72,8 @@ def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None 
         raise ConfigError(f"the split's {len(split.class_names)} classes differ from the {len(ck['class_names'])} "
                           f"the {stream} model in {out / stream} was trained on; check data.splits / data.split")
     store = Store(cfg["data"]["store"])
-    videos, counts = check_videos(store, split.part(part), bool(cfg["data"].get("skip_missing", False)), f"{part} ")
+    videos, counts = check_videos(store, split.part(part), bool(cfg["data"].get("skip_missing", False)), f"{part} ",
+                                  need_rgb=stream == "spatial")
 
     model = build_model(ck["arch"], ck["num_classes"], ck["in_channels"], dropout=0.0)
     model.load_state_dict(ck["model"])

@@ -5,6 +5,7 @@ scores always give byte-identical files (they can be diffed between runs).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -110,8 +111,6 @@ def build_report(results: dict[str, np.ndarray], labels: np.ndarray, class_names
 
 
 def _checksum(video_ids: Sequence[str]) -> str:
-    import hashlib
-
     return hashlib.sha256("\n".join(video_ids).encode()).hexdigest()[:16]
 
 
@@ -121,7 +120,7 @@ def _pct(x: float | None) -> str:
 
 def render_markdown(report: dict) -> str:
     """The report as Markdown (accuracies in percent)."""
-    lines = [f"# Two-stream fusion report", "",
+    lines = ["# Two-stream fusion report", "",
              f"{report['videos']} test videos, {len(report['classes'])} classes.", "",
              "| method | top-1 % | top-5 % | mean class acc % |", "|---|---:|---:|---:|"]
     for r in report["methods"]:
@@ -160,7 +159,8 @@ def render_table(report: dict) -> str:
     return "\n".join(out)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` under a temporary name, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp.{uuid.uuid4().hex}.{path.name}")
     tmp.write_bytes(data)
@@ -237,13 +237,13 @@ def write_report(out_dir: str | Path, report: dict, confusion_title: str = "") -
     """Write report.md, report.json and (when there is a best fusion) confusion.png into out_dir."""
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json"}
-    _write_atomic(paths["markdown"], render_markdown(report).encode())
-    _write_atomic(paths["json"], (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(paths["markdown"], render_markdown(report).encode())
+    write_atomic(paths["json"], (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
     if report.get("confusion") is not None:
         title = confusion_title or f"confusion: {report['best_fusion']} fusion (rows: true class, row-normalised)"
         ok, png = cv2.imencode(".png", draw_confusion(np.array(report["confusion"]), report["classes"], title))
         if not ok:
             raise RuntimeError("OpenCV could not encode the confusion matrix PNG")
         paths["confusion"] = out_dir / "confusion.png"
-        _write_atomic(paths["confusion"], png.tobytes())
+        write_atomic(paths["confusion"], png.tobytes())
     return paths

@@ -211,8 +211,10 @@ def split_from_config(cfg: dict) -> Split:
                       data.get("val_fraction", 0.1))
 
 
-def check_videos(store: Store, part: Part, skip_missing: bool = False, what: str = "") -> tuple[Part, list[tuple[int, int]]]:
-    """Check every video of `part` in the store before any training starts.
+def check_videos(store: Store, part: Part, skip_missing: bool = False, what: str = "",
+                 need_rgb: bool = False) -> tuple[Part, list[tuple[int, int]]]:
+    """Check every video of `part` in the store before any training starts (`need_rgb`: the
+    spatial stream also needs the RGB frames that `flowprep extract --no-rgb` leaves out).
 
     Returns the part (minus bad videos when `skip_missing`) and (frames, flows) per video;
     raises StoreError naming the missing or incomplete videos otherwise.
@@ -223,6 +225,8 @@ def check_videos(store: Store, part: Part, skip_missing: bool = False, what: str
             return reason, None
         try:
             with store.open(vid) as v:
+                if need_rgb and not v.has_rgb:
+                    return "extracted with --no-rgb (flow only); the spatial stream needs RGB frames", None
                 return None, (v.num_frames, v.num_flows)
         except (StoreError, OSError) as e:
             return str(e), None

@@ -32,6 +32,7 @@ from trainer import transforms as T
 from trainer.config import ConfigError
 from trainer.data import ClipDataset, DevicePrefetcher, EpochSampler, ShardSampler, make_loader
 from trainer.models import build_model, freeze_bn
+from trainer.report import write_atomic
 from trainer.splits import check_videos, split_from_config
 
 STREAMS = ("spatial", "temporal")
@@ -160,8 +161,9 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- one step, one epoch
 
-def forward(model: nn.Module, x: torch.Tensor, device: torch.device, stream: str, mean_subtraction: bool) -> torch.Tensor:
-    """uint8 [B, K, C, S, S] batch -> class logits [B, classes], averaged over the K segments."""
+def image_logits(model: nn.Module, x: torch.Tensor, device: torch.device, stream: str,
+                 mean_subtraction: bool) -> torch.Tensor:
+    """uint8 [B, K, C, S, S] batch (K segments or crops) -> float32 class logits [B, K, classes]."""
     x = x.to(device, non_blocking=True)
     b, k = x.shape[:2]
     x = T.normalize(x.flatten(0, 1), stream, mean_subtraction)
@@ -169,7 +171,12 @@ def forward(model: nn.Module, x: torch.Tensor, device: torch.device, stream: str
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(x)
-    return logits.float().view(b, k, -1).mean(1)
+    return logits.float().view(b, k, -1)
+
+
+def forward(model: nn.Module, x: torch.Tensor, device: torch.device, stream: str, mean_subtraction: bool) -> torch.Tensor:
+    """uint8 [B, K, C, S, S] batch -> class logits [B, classes], averaged over the K segments."""
+    return image_logits(model, x, device, stream, mean_subtraction).mean(1)
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, stream, args, show=True) -> dict:
@@ -209,7 +216,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
             if step % args["print_freq"] == 0:  # .item() syncs; not every step, so the GPU queue stays full
                 status = check(step)
             bar.update(1, status)
-    status = check(step)
+    check(step)
     elapsed = time.perf_counter() - start
     totals = reduce_sum([loss_sum.item(), correct.item(), seen, step])
     return {"train_loss": totals[0] / max(totals[3], 1), "train_acc": totals[1] / max(totals[2], 1),
@@ -220,14 +227,17 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
 def evaluate(model, criterion, loader, device, stream, args) -> dict:
     """Clip-level loss and accuracy (center crop, segment middles); the full test protocol is evaluate.py."""
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    # Summed on the device and read once: .item() per batch would sync the GPU every step.
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
     for x, y in loader:
         y = y.to(device, non_blocking=True)
         logits = forward(model, x, device, stream, args["mean_subtraction"])
-        loss_sum += criterion(logits, y).item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += criterion(logits, y).double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    loss_sum, correct, seen = reduce_sum([loss_sum, correct, seen])
+    loss_sum, correct, seen = reduce_sum([loss_sum.item(), correct.item(), seen])
     return {"val_loss": loss_sum / max(seen, 1), "val_acc": correct / max(seen, 1)}
 
 
@@ -273,9 +283,7 @@ def draw_curve(records: list[dict], path: Path, size: tuple[int, int] = (640, 40
         cv2.putText(img, f"epoch {e0}", (left, bottom + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(img, f"epoch {e1}", (right - 60, bottom + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     ok, buf = cv2.imencode(".png", img)
-    tmp = path.with_name(f".tmp.{path.name}.{uuid.uuid4().hex}")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    write_atomic(path, buf.tobytes())
 
 
 def read_log(path: Path) -> list[dict]:
@@ -285,9 +293,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 def write_log(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".tmp.{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
 
 # ---------------------------------------------------------------- main
@@ -316,8 +322,9 @@ def main(cfg: dict, stream: str) -> dict:
     split = split_from_config(cfg)
     store = Store(data["store"])
     skip = bool(data.get("skip_missing", False))
-    train_part, train_counts = check_videos(store, split.train, skip, "training ")
-    val_part, val_counts = check_videos(store, split.val, skip, "validation ")
+    rgb = stream == "spatial"
+    train_part, train_counts = check_videos(store, split.train, skip, "training ", need_rgb=rgb)
+    val_part, val_counts = check_videos(store, split.val, skip, "validation ", need_rgb=rgb)
     if not train_part.video_ids:
         raise ConfigError(f"no training videos left in {store.root} for split {data.get('split', 1)}")
     in_ch = in_channels(stream, args)
@@ -400,7 +407,6 @@ def main(cfg: dict, stream: str) -> dict:
             print(f"{stream} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
                   file=sys.stderr)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         draw_curve(records, out_dir / "curve.png")
     if world > 1:
         dist.barrier()
