@@ -6,60 +6,10 @@ from pathlib import Path
 
 import click
 
-from flowprep.extract import BACKENDS, DEFAULT_SIZE, ExtractError, ExtractOptions, run_extract
-from flowprep.flow import ALGOS, FARNEBACK, PRESETS
-from flowprep.quant import DEFAULT_BOUND
-from flowprep.store import FORMATS, StoreError
+from flowprep.extract import EXTRACT, JOB_KEYS, ExtractError, ExtractOptions, run_extract
+from flowprep.store import StoreError
 from flowprep.synth import synth_command
-from flowprep.video import parse_size
-
-
-def _size(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _preset_help() -> str:
-    def fmt(p):
-        return ", ".join(f"{k} {v}" for k, v in p.items())
-    return (f"TV-L1 settings. accurate = OpenCV defaults, as denseflow ({fmt(PRESETS['accurate'])}); "
-            f"fast = {fmt({k: v for k, v in PRESETS['fast'].items() if PRESETS['accurate'][k] != v})}, "
-            "rest as accurate: about 8x faster, a fraction of a pixel from accurate.")
-
-
-# Pipeline keys ([data] and [extract] of pipelines/*.toml) -> extract's parameter names.
-PIPELINE_KEYS = {"data.videos": "videos", "data.store": "out", "extract.format": "fmt", "extract.size": "size",
-                 "extract.short_side": "short_side", "extract.bound": "bound", "extract.jpeg_quality": "jpeg_quality",
-                 "extract.step": "step", "extract.algo": "algo", "extract.preset": "preset", "extract.rgb": "rgb",
-                 "extract.backend": "backend", "extract.workers": "workers", "extract.address": "address",
-                 "extract.device": "device"}
-
-
-def _pipeline_defaults(ctx, param, value):
-    """--pipeline: take defaults from the pipeline file; options given on the command line still win."""
-    if value is None:
-        return None
-    from trainer.config import ConfigError, load_pipeline
-
-    try:
-        cfg = load_pipeline(value)
-    except ConfigError as e:
-        raise click.BadParameter(str(e)) from None
-    unknown = sorted(set(cfg.get("extract", {})) - {k.split(".")[1] for k in PIPELINE_KEYS if k.startswith("extract.")})
-    if unknown:
-        raise click.BadParameter(f"unknown key(s) in [extract] of {value}: {', '.join(unknown)}")
-    defaults = {}
-    for dotted, name in PIPELINE_KEYS.items():
-        section, key = dotted.split(".")
-        v = cfg.get(section, {}).get(key)
-        if v is not None and v != "":
-            defaults[name] = v
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
+from twostream.schema import ConfigError, given
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,66 +18,49 @@ def main() -> None:
 
 
 @main.command(context_settings={"show_default": True})
-@click.option("--pipeline", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
-              callback=_pipeline_defaults, help="Defaults from a pipeline file (pipelines/*.toml): --videos and "
-              "--out from [data] videos/store, the rest from [extract]; options given here win.")
-@click.option("--videos", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--pipeline", type=click.Path(exists=True, dir_okay=False),
+              help="Settings from a pipeline file (pipelines/*.toml): --videos and --out from [data] videos/store, "
+                   "the rest from [extract]; options given here win.")
+@click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of videos (searched recursively). Video id = path inside it without extension; "
                    "class = its first folder.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, show_default=False,
-              help="Store folder. Default: data/<name of the videos folder>/ under the current directory.")
+@click.option("--out", "--output-dir", "out", type=click.Path(file_okay=False, path_type=Path),
+              help="Store folder [default: data/<name of the videos folder>/ under the current directory].")
 @click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Extract only these videos: one path per line, relative to --videos.")
-@click.option("--workers", type=int, default=0, help="Parallel videos, one core each. 0 = all cores "
-              "(of this machine, or of the Ray cluster at --address).")
-@click.option("--backend", type=click.Choice(BACKENDS), default="ray",
-              help="ray: a local Ray cluster, or the one at --address; joblib: processes on this machine.")
-@click.option("--address", default=None, help="Existing Ray cluster: 'auto' or 'ray://HOST:PORT'. Every node "
-              "must see --videos and --out at the same paths.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jpeg",
-              help="jpeg: one JPEG per frame (denseflow/MMAction2 layout); hdf5: one .h5 file per video.")
-@click.option("--size", callback=_size, default=None, metavar="WxH",
-              help=f"Resize every frame to exactly WxH before flow [default: {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}].")
-@click.option("--short-side", type=int, default=None, help="Instead of --size: scale so the short side is N, "
-              "keeping the aspect ratio.")
-@click.option("--bound", type=float, default=DEFAULT_BOUND,
-              help="Clip flow to +-bound pixels before quantizing to uint8.")
-@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, help="JPEG quality of frames and flows.")
-@click.option("--step", type=click.IntRange(min=1), default=1, help="Keep every step-th frame; flow is between "
-              "consecutive kept frames.")
-@click.option("--max-frames", type=click.IntRange(min=2), default=None,
-              help="Only the first N kept frames of each video (quick trials of a pipeline).")
-@click.option("--algo", type=click.Choice(ALGOS), default="tvl1",
-              help="tvl1: OpenCV Dual TV-L1 (see --preset); farneback: OpenCV Farneback "
-                   f"({', '.join(f'{k} {v}' for k, v in FARNEBACK.items())}), much faster, less accurate.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="accurate", help=_preset_help())
-@click.option("--rgb/--no-rgb", default=True, help="Also store RGB frames. --no-rgb stores flow only (temporal "
-              "stream); 'frames' still counts decoded frames, so flows = frames - 1.")
+@EXTRACT.options()
 @click.option("--overwrite", is_flag=True, help="Redo every video, even complete ones, and accept new parameters.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "torch-cpu"]), default="cpu",
-              help="cpu: OpenCV TV-L1, one core per worker; cuda: batched torch TV-L1, one worker per GPU; "
-                   "torch-cpu: the torch TV-L1 on the CPU (to compare it with OpenCV where there is no GPU).")
-def extract(videos, out, list_file, workers, backend, address, fmt, size, short_side, bound, jpeg_quality, step,
-            max_frames, algo, preset, rgb, overwrite, device):
+def extract(pipeline, videos, out, list_file, overwrite, **options):
     """Extract RGB frames and TV-L1 flow of every video into a store.
 
     Resumable: re-running skips videos that are complete in the store. Exit status 0 when every
     video is done, 1 when some failed (the others are still extracted), 2 for a usage error.
     """
-    ctx = click.get_current_context()
-    if short_side is not None and ctx.get_parameter_source("size") == click.core.ParameterSource.DEFAULT_MAP:
-        size = None  # --short-side on the command line replaces the pipeline's size
-    if size is None and short_side is None:
-        size = DEFAULT_SIZE
-    if out is None:
-        out = Path.cwd() / "data" / videos.resolve().name
-    click.echo(f"output: {out}", err=True)
+    from twostream.pipeline import load_pipeline
+
+    chosen = given(options)
     try:
-        opts = ExtractOptions(format=fmt, size=size, short_side=short_side, bound=bound, jpeg_quality=jpeg_quality,
-                              step=step, algo=algo, preset=preset, rgb=rgb, max_frames=max_frames, device=device)
-        summary = run_extract(videos, out, opts, list_file=list_file, workers=workers, backend=backend,
-                              address=address, overwrite=overwrite, progress=True)
-    except ExtractError as e:
+        cfg = load_pipeline(pipeline) if pipeline else None
+        values = dict(cfg["extract"]) if cfg else {}
+        if "short_side" in chosen and "size" not in chosen:
+            values["size"] = None  # --short-side on the command line replaces the pipeline's size
+        values = EXTRACT.validate({**values, **chosen})
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    if videos is None and cfg and cfg["data"]["videos"]:
+        videos = Path(cfg["data"]["videos"])
+    if videos is None:
+        raise click.UsageError("give --videos DIR (or --pipeline FILE with data.videos)")
+    if not videos.is_dir():
+        raise click.UsageError(f"videos folder {videos} does not exist (data.videos of {pipeline})")
+    if out is None:
+        out = Path(cfg["data"]["store"]) if cfg and cfg["data"]["store"] else Path.cwd() / "data" / videos.resolve().name
+    click.echo(f"output: {out}", err=True)
+    job = {k: values.pop(k) for k in JOB_KEYS}
+    try:
+        summary = run_extract(videos, out, ExtractOptions(**values), list_file=list_file, overwrite=overwrite,
+                              progress=True, **job)
+    except (ExtractError, ConfigError) as e:
         raise click.UsageError(str(e)) from None
     sys.exit(summary.exit_code)
 

@@ -25,11 +25,12 @@ from typing import Iterator
 import click
 import cv2
 
-from flowprep.flow import ALGOS, check_device, flow_params, make_flow_batch, set_single_thread
+from flowprep.flow import ALGOS, FARNEBACK, PRESETS, check_device, flow_params, make_flow_batch, set_single_thread
 from flowprep.quant import DEFAULT_BOUND, quantize
 from flowprep.store import (FORMATS, Store, StoreError, append_manifest, clean_temps, open_writer, read_manifest,
                             read_store_info, video_class, video_path, write_list_file, write_store_info)
 from flowprep.video import VideoError, find_videos, probe, read_frames
+from twostream.schema import ConfigError, Key, Options, Section, boolean, integer, number, optional, size, string
 
 BACKENDS = ("ray", "joblib")
 DEFAULT_SIZE = (340, 256)
@@ -40,47 +41,72 @@ STORE_VERSION = 1
 TEST_EXIT_ENV = "FLOWPREP_TEST_EXIT_ONCE"
 
 
+def _preset_help() -> str:
+    def fmt(p):
+        return ", ".join(f"{k} {v}" for k, v in p.items())
+    acc = PRESETS["accurate"]
+    return (f"TV-L1 settings. accurate = OpenCV defaults, as denseflow ({fmt(acc)}); "
+            f"fast = {fmt({k: v for k, v in PRESETS['fast'].items() if acc[k] != v})}, "
+            "rest as accurate: about 8x faster, a fraction of a pixel from accurate.")
+
+
 class ExtractError(Exception):
-    """A problem with the job as a whole (bad options, no videos, a store made with other parameters)."""
+    """A problem with the job as a whole (no videos, a store made with other parameters, ...)."""
 
 
-@dataclass(frozen=True)
-class ExtractOptions:
-    """What to extract; everything here except `device` defines the store (see `store_info`)."""
+def _check_extract(v: dict) -> dict:
+    if v["size"] is not None and v["short_side"] is not None:
+        raise ConfigError("give either extract.size (--size) or extract.short_side (--short-side), not both")
+    if v["size"] is None and v["short_side"] is None:
+        v["size"] = DEFAULT_SIZE
+    try:
+        flow_params(v["algo"], v["preset"])
+    except ValueError as e:
+        raise ConfigError(f"extract.preset (--preset) = \"{v['preset']}\": {e}") from None
+    return v
 
-    format: str = "jpeg"
-    size: tuple[int, int] | None = DEFAULT_SIZE  # (W, H); None keeps the source size unless short_side
-    short_side: int | None = None
-    bound: float = DEFAULT_BOUND
-    jpeg_quality: int = 95
-    step: int = 1
-    algo: str = "tvl1"
-    preset: str = "accurate"
-    rgb: bool = True
-    max_frames: int | None = None  # only the first N kept frames of each video (quick trials)
-    device: str = "cpu"
 
-    def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ExtractError(f"format must be one of {FORMATS}, got {self.format!r}")
-        if self.size is not None and self.short_side is not None:
-            raise ExtractError("give either --size or --short-side, not both")
-        if self.short_side is not None and self.short_side < 8:
-            raise ExtractError(f"--short-side must be at least 8, got {self.short_side}")
-        if self.bound <= 0:
-            raise ExtractError(f"--bound must be positive, got {self.bound}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ExtractError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
-        if self.step < 1:
-            raise ExtractError(f"--step must be >= 1, got {self.step}")
-        if self.max_frames is not None and self.max_frames < 2:
-            raise ExtractError(f"--max-frames must be at least 2 (flow needs a pair), got {self.max_frames}")
-        if self.algo not in ALGOS:
-            raise ExtractError(f"--algo must be one of {ALGOS}, got {self.algo!r}")
-        try:
-            flow_params(self.algo, self.preset)
-        except ValueError as e:
-            raise ExtractError(str(e)) from None
+# What defines a store: recorded in store.json and every video's metadata, so a resumed job
+# must ask for the same (see ExtractOptions.store_info). `device` picks the implementation.
+STORE_KEYS = {
+    "format": Key("jpeg", "jpeg: one JPEG per frame (denseflow/MMAction2 layout); hdf5: one .h5 file per video.",
+                  choices=FORMATS),
+    "size": Key(None, f"Resize every frame to exactly WxH before flow [default: {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}, "
+                "unless --short-side].", optional(size), metavar="WxH"),
+    "short_side": Key(None, "Instead of --size: scale so the short side is N, keeping the aspect ratio.",
+                      optional(integer), min=8, flags=("--short-side", "--new-short"), metavar="N"),
+    "bound": Key(DEFAULT_BOUND, "Clip flow to +-bound pixels before quantizing to uint8.", number, above=0),
+    "jpeg_quality": Key(95, "JPEG quality of frames and flows.", integer, min=1, max=100),
+    "step": Key(1, "Keep every step-th frame; flow is between consecutive kept frames.", integer, min=1),
+    "algo": Key("tvl1", "tvl1: OpenCV Dual TV-L1 (see --preset); farneback: OpenCV Farneback "
+                f"({', '.join(f'{k} {v}' for k, v in FARNEBACK.items())}), much faster, less accurate.",
+                choices=ALGOS),
+    "preset": Key("accurate", _preset_help(), choices=tuple(sorted(PRESETS))),
+    "rgb": Key(True, "Also store RGB frames. --no-rgb stores flow only (temporal stream); 'frames' still counts "
+               "decoded frames, so flows = frames - 1.", boolean),
+    "max_frames": Key(None, "Only the first N kept frames of each video (quick trials of a pipeline).",
+                      optional(integer), min=2, metavar="N"),
+    "device": Key("cpu", "cpu: OpenCV TV-L1, one core per worker; cuda (or cuda:N): batched torch TV-L1, one "
+                  "worker per GPU; torch-cpu: the torch TV-L1 on the CPU (to compare it with OpenCV).",
+                  metavar="cpu|cuda|torch-cpu"),
+}
+# How to run the job: not part of the store.
+JOB_KEYS = {
+    "backend": Key("ray", "ray: a local Ray cluster, or the one at --address; joblib: processes on this machine.",
+                   choices=BACKENDS),
+    "workers": Key(0, "Parallel videos, one core each. 0 = all cores (of this machine, or of the Ray cluster at "
+                   "--address).", integer, min=0, flags=("--workers", "-j")),
+    "address": Key(None, "Existing Ray cluster: 'auto' or 'ray://HOST:PORT'. Every node must see --videos and "
+                   "--out at the same paths.", optional(string)),
+}
+EXTRACT = Section("extract", {**STORE_KEYS, **JOB_KEYS}, _check_extract,
+                  "flowprep extract: what a store holds and how the job runs.")
+
+
+class ExtractOptions(Options):
+    """What to extract (the STORE_KEYS); everything but `device` defines the store (`store_info`)."""
+
+    SECTION = Section("extract", STORE_KEYS, _check_extract)
 
     def store_info(self) -> dict:
         """Parameters recorded in OUT/store.json; a resumed job must match them."""

@@ -6,12 +6,14 @@ JPEG store (denseflow / MMAction2 layout, readable as-is by TSN-style loaders)::
     OUT/<class>/<video>/img_00001.jpg ...            RGB frames, 1-based
     OUT/<class>/<video>/flow_x_00001.jpg ...         n frames give n-1 flows
     OUT/<class>/<video>/flow_y_00001.jpg ...
+    OUT/<class>/<video>/bflow_x_00001.jpg ...        backward flows (frame i+1 to i), with --direction both
     OUT/<class>/<video>/meta.json                    per-video attributes
 
 HDF5 store (one file per video instead of thousands of small files)::
 
-    OUT/<class>/<video>.h5   datasets rgb, flow_x, flow_y: one JPEG-encoded frame per element
-                             (variable-length uint8, chunked one frame per chunk), attrs as meta.json
+    OUT/<class>/<video>.h5   datasets rgb, flow_x, flow_y (and bflow_x, bflow_y): one JPEG-encoded
+                             frame per element (variable-length uint8, chunked one frame per chunk),
+                             attrs as meta.json
 
 Flow is kept JPEG-encoded in HDF5 too: on bikes.mp4 at 340x256, 4.2 KiB per flow component
 frame against 10.2 KiB for gzip'd (level 4) raw uint8 chunks.
@@ -30,19 +32,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable
 
 import cv2
 import numpy as np
 
+from twostream.atomic import TMP_PREFIX, remove_temps, temp_name, write_atomic
+
 STORE_INFO = "store.json"
 MANIFEST = "manifest.jsonl"
 LIST_FILE = "videos.txt"
 META = "meta.json"
 FORMATS = ("jpeg", "hdf5")
-TMP_PREFIX = ".tmp."
+FLOW_KINDS = {False: ("flow_x", "flow_y"), True: ("bflow_x", "bflow_y")}  # backward?
 
 
 class StoreError(RuntimeError):
@@ -55,7 +58,8 @@ def video_class(video_id: str) -> str:
 
 
 def frame_name(kind: str, index: int) -> str:
-    """File name of frame `index` (0-based) for kind 'img', 'flow_x' or 'flow_y' (files are 1-based)."""
+    """File name of frame `index` (0-based) for kind 'img', 'flow_x', 'flow_y', 'bflow_x' or 'bflow_y'
+    (files are 1-based)."""
     return f"{kind}_{index + 1:05d}.jpg"
 
 
@@ -66,23 +70,16 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def decode_jpeg(data: bytes | np.ndarray, gray: bool) -> np.ndarray:
+def decode_jpeg(data: bytes | np.ndarray, gray: bool, what: str = "a stored JPEG frame") -> np.ndarray:
     """Decode JPEG bytes: grayscale HxW, or colour HxWx3 in RGB order."""
     buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else data
     img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
     if img is None:
-        raise StoreError("a stored JPEG frame does not decode")
+        raise StoreError(f"{what} does not decode (corrupt or truncated JPEG)")
     return img if gray else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 # ---------------------------------------------------------------- store-level files
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write under a temporary name, then rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
@@ -135,21 +132,7 @@ def write_list_file(root: str | Path, records: Iterable[dict]) -> Path:
 
 def clean_temps(root: str | Path) -> int:
     """Remove leftovers of interrupted writes (only call when no job is writing to the store)."""
-    n = 0
-    root = Path(root)
-    if not root.is_dir():
-        return 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in list(dirnames):
-            if name.startswith(TMP_PREFIX):
-                shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
-                dirnames.remove(name)
-                n += 1
-        for name in filenames:
-            if name.startswith(TMP_PREFIX):
-                (Path(dirpath) / name).unlink(missing_ok=True)
-                n += 1
-    return n
+    return remove_temps(root)
 
 
 # ---------------------------------------------------------------- writers
@@ -166,11 +149,12 @@ class JpegVideoWriter:
     def __init__(self, root: str | Path, video_id: str, jpeg_quality: int = 95):
         self.final = video_path(root, video_id, "jpeg")
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.final.with_name(f"{TMP_PREFIX}{self.final.name}.{uuid.uuid4().hex}")
+        self.tmp = temp_name(self.final)
         self.tmp.mkdir()
         self.quality = jpeg_quality
         self.frames = 0
         self.flows = 0
+        self.bflows = 0
         self.rgb_written = 0
 
     def write_rgb(self, bgr: np.ndarray) -> None:
@@ -182,18 +166,22 @@ class JpegVideoWriter:
         """Count a frame without storing it (--no-rgb): `frames` stays the decoded count, flows = frames - 1."""
         self.frames += 1
 
-    def write_flow(self, q: np.ndarray) -> None:
-        """Write one quantized flow field (HxWx2 uint8, x then y)."""
-        (self.tmp / frame_name("flow_x", self.flows)).write_bytes(encode_jpeg(q[..., 0], self.quality))
-        (self.tmp / frame_name("flow_y", self.flows)).write_bytes(encode_jpeg(q[..., 1], self.quality))
-        self.flows += 1
+    def write_flow(self, q: np.ndarray, backward: bool = False) -> None:
+        """Write one quantized flow field (HxWx2 uint8, x then y); `backward`: frame i+1 to frame i."""
+        i = self.bflows if backward else self.flows
+        for c, kind in enumerate(FLOW_KINDS[backward]):
+            (self.tmp / frame_name(kind, i)).write_bytes(encode_jpeg(q[..., c], self.quality))
+        if backward:
+            self.bflows += 1
+        else:
+            self.flows += 1
 
     def commit(self, meta: dict) -> Path:
-        meta = dict(meta, frames=self.frames, flows=self.flows, format="jpeg", encoding="jpeg",
+        meta = dict(meta, frames=self.frames, flows=self.flows, bflows=self.bflows, format="jpeg", encoding="jpeg",
                     jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True)
         (self.tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         if self.final.exists():  # --overwrite: swap the old copy out before removing it
-            old = self.final.with_name(f"{TMP_PREFIX}old.{self.final.name}.{uuid.uuid4().hex}")
+            old = temp_name(self.final, "old.")
             os.replace(self.final, old)
             os.replace(self.tmp, self.final)
             shutil.rmtree(old, ignore_errors=True)
@@ -220,20 +208,28 @@ class Hdf5VideoWriter:
 
         self.final = video_path(root, video_id, "hdf5")
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.final.with_name(f"{TMP_PREFIX}{self.final.name}.{uuid.uuid4().hex}")
+        self.tmp = temp_name(self.final)
         self.quality = jpeg_quality
         self.file = h5py.File(self.tmp, "w")
-        vlen = h5py.vlen_dtype(np.uint8)
-        # track_times=False keeps the file byte-identical for identical input.
-        self.ds = {name: self.file.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1,),
-                                                  dtype=vlen, track_times=False)
-                   for name in ("rgb", "flow_x", "flow_y")}
+        self.ds = {}
+        for name in ("rgb", "flow_x", "flow_y"):
+            self._dataset(name)
         self.frames = 0
         self.flows = 0
+        self.bflows = 0
         self.rgb_written = 0
 
+    def _dataset(self, name: str):
+        import h5py
+
+        if name not in self.ds:
+            # track_times=False keeps the file byte-identical for identical input.
+            self.ds[name] = self.file.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1,),
+                                                     dtype=h5py.vlen_dtype(np.uint8), track_times=False)
+        return self.ds[name]
+
     def _append(self, name: str, data: bytes) -> None:
-        ds = self.ds[name]
+        ds = self._dataset(name)
         n = ds.shape[0]
         ds.resize((n + 1,))
         ds[n] = np.frombuffer(data, np.uint8)
@@ -247,13 +243,16 @@ class Hdf5VideoWriter:
         """Count a frame without storing it (--no-rgb): `frames` stays the decoded count, flows = frames - 1."""
         self.frames += 1
 
-    def write_flow(self, q: np.ndarray) -> None:
-        self._append("flow_x", encode_jpeg(q[..., 0], self.quality))
-        self._append("flow_y", encode_jpeg(q[..., 1], self.quality))
-        self.flows += 1
+    def write_flow(self, q: np.ndarray, backward: bool = False) -> None:
+        for c, kind in enumerate(FLOW_KINDS[backward]):
+            self._append(kind, encode_jpeg(q[..., c], self.quality))
+        if backward:
+            self.bflows += 1
+        else:
+            self.flows += 1
 
     def commit(self, meta: dict) -> Path:
-        meta = dict(meta, frames=self.frames, flows=self.flows, format="hdf5", encoding="jpeg",
+        meta = dict(meta, frames=self.frames, flows=self.flows, bflows=self.bflows, format="hdf5", encoding="jpeg",
                     jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True)
         for k, v in meta.items():
             self.file.attrs[k] = json.dumps(v)  # JSON keeps nested params and types exact
@@ -290,8 +289,9 @@ class VideoReader:
     """Random access to one stored video. Indices are 0-based (file names are 1-based).
 
     `rgb(i)` -> HxWx3 uint8 RGB; `flow(i)` -> HxWx2 uint8 (x, y); `flow_stack(i, L)` -> HxWx2L
-    uint8 ordered x_i, y_i, x_i+1, y_i+1, ...; `*_bytes` give the encoded JPEG for decoders
-    elsewhere (e.g. torchvision.io.decode_jpeg).
+    uint8 ordered x_i, y_i, x_i+1, y_i+1, ...; `backward=True` reads the backward flows (frame
+    i+1 to frame i) of a store extracted with --direction both; `*_bytes` give the encoded JPEG
+    for decoders elsewhere (e.g. torchvision.io.decode_jpeg).
     """
 
     def __init__(self, root: Path, video_id: str, fmt: str):
@@ -316,13 +316,16 @@ class VideoReader:
             self.meta = {k: json.loads(v) for k, v in self._h5.attrs.items()}
         self.num_frames = int(self.meta["frames"])
         self.num_flows = int(self.meta["flows"])
+        self.num_bflows = int(self.meta.get("bflows", 0))
         self.has_rgb = bool(self.meta.get("rgb", True))  # False: extracted with --no-rgb (flow only)
 
     def _bytes(self, kind: str, i: int) -> bytes:
         if kind == "img" and not self.has_rgb:
             raise StoreError(f"video {self.video_id} was extracted with --no-rgb: the store holds flow only; "
                              "re-extract with --rgb for the spatial stream")
-        n = self.num_frames if kind == "img" else self.num_flows
+        if kind.startswith("bflow") and not self.num_bflows:
+            raise StoreError(f"video {self.video_id} has no backward flow; extract with --direction both")
+        n = self.num_frames if kind == "img" else self.num_bflows if kind.startswith("bflow") else self.num_flows
         if not 0 <= i < n:
             raise IndexError(f"{kind} index {i} out of range for {self.video_id} ({n} stored)")
         if self._h5 is None:
@@ -332,24 +335,34 @@ class VideoReader:
     def rgb_bytes(self, i: int) -> bytes:
         return self._bytes("img", i)
 
-    def flow_bytes(self, i: int) -> tuple[bytes, bytes]:
-        return self._bytes("flow_x", i), self._bytes("flow_y", i)
+    def flow_bytes(self, i: int, backward: bool = False) -> tuple[bytes, bytes]:
+        kx, ky = FLOW_KINDS[backward]
+        return self._bytes(kx, i), self._bytes(ky, i)
+
+    def _what(self, kind: str, i: int) -> str:
+        return f"{frame_name(kind, i)} of video {self.video_id}"
 
     def rgb(self, i: int) -> np.ndarray:
-        return decode_jpeg(self.rgb_bytes(i), gray=False)
+        return decode_jpeg(self.rgb_bytes(i), gray=False, what=self._what("img", i))
 
-    def flow(self, i: int) -> np.ndarray:
-        bx, by = self.flow_bytes(i)
-        return np.stack([decode_jpeg(bx, gray=True), decode_jpeg(by, gray=True)], axis=-1)
+    def flow(self, i: int, backward: bool = False) -> np.ndarray:
+        bx, by = self.flow_bytes(i, backward)
+        kx, ky = FLOW_KINDS[backward]
+        return np.stack([decode_jpeg(bx, True, self._what(kx, i)), decode_jpeg(by, True, self._what(ky, i))], axis=-1)
 
-    def flow_stack(self, start: int, length: int) -> np.ndarray:
+    def flow_stack(self, start: int, length: int, backward: bool = False) -> np.ndarray:
         if self._h5 is None:
-            return np.concatenate([self.flow(start + k) for k in range(length)], axis=-1)
-        if not (0 <= start and start + length <= self.num_flows):
-            raise IndexError(f"flows {start}..{start + length - 1} out of range for {self.video_id} ({self.num_flows} stored)")
+            return np.concatenate([self.flow(start + k, backward) for k in range(length)], axis=-1)
+        n = self.num_bflows if backward else self.num_flows
+        if not (0 <= start and start + length <= n):
+            raise IndexError(f"flows {start}..{start + length - 1} out of range for {self.video_id} ({n} stored)")
+        if backward and not n:
+            raise StoreError(f"video {self.video_id} has no backward flow; extract with --direction both")
         # One HDF5 read per direction: about 10x cheaper than 2L single-element reads.
-        xs, ys = self._h5["flow_x"][start:start + length], self._h5["flow_y"][start:start + length]
-        return np.stack([decode_jpeg(b, gray=True) for pair in zip(xs, ys) for b in pair], axis=-1)
+        kx, ky = FLOW_KINDS[backward]
+        xs, ys = self._h5[kx][start:start + length], self._h5[ky][start:start + length]
+        return np.stack([decode_jpeg(b, True, self._what(k, start + i)) for i, pair in enumerate(zip(xs, ys))
+                         for k, b in zip((kx, ky), pair)], axis=-1)
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -363,14 +376,17 @@ class VideoReader:
         self.close()
 
 
-def count_files(folder: Path) -> tuple[int, int, int]:
-    """(img, flow_x, flow_y) file counts in a JPEG-store video folder."""
-    counts = {"img": 0, "flow_x": 0, "flow_y": 0}
+KINDS = ("img", "flow_x", "flow_y", "bflow_x", "bflow_y")
+
+
+def count_files(folder: Path) -> tuple[int, ...]:
+    """(img, flow_x, flow_y, bflow_x, bflow_y) file counts in a JPEG-store video folder."""
+    counts = dict.fromkeys(KINDS, 0)
     for entry in os.scandir(folder):
-        for kind in counts:
-            if entry.name.startswith(kind + "_") and entry.name.endswith(".jpg"):
-                counts[kind] += 1
-    return counts["img"], counts["flow_x"], counts["flow_y"]
+        kind = entry.name.rpartition("_")[0]
+        if kind in counts and entry.name.endswith(".jpg"):
+            counts[kind] += 1
+    return tuple(counts.values())
 
 
 class Store:
@@ -399,16 +415,21 @@ class Store:
                     return "not marked complete"
                 if v.num_frames < 2 or v.num_flows != v.num_frames - 1:
                     return f"{v.num_frames} frames but {v.num_flows} flows (expected frames - 1)"
+                if v.num_bflows not in (0, v.num_flows):
+                    return f"{v.num_flows} forward but {v.num_bflows} backward flows"
                 imgs = v.num_frames if v.has_rgb else 0
+                expected = (imgs, v.num_flows, v.num_flows, v.num_bflows, v.num_bflows)
                 if self.format == "jpeg":
                     counts = count_files(path)
-                    if counts != (imgs, v.num_flows, v.num_flows):
-                        return (f"meta.json says {imgs} images / {v.num_flows} flows but the folder "
-                                f"holds {counts[0]} img, {counts[1]} flow_x, {counts[2]} flow_y files")
+                    if counts != expected:
+                        return (f"meta.json says {imgs} images / {v.num_flows} flows / {v.num_bflows} backward "
+                                f"flows but the folder holds " + ", ".join(f"{n} {k}" for k, n in zip(KINDS, counts))
+                                + " files")
                 else:
-                    lens = tuple(v._h5[k].shape[0] for k in ("rgb", "flow_x", "flow_y"))
-                    if lens != (imgs, v.num_flows, v.num_flows):
-                        return f"attributes say {v.num_frames}/{v.num_flows} but datasets hold {lens}"
+                    lens = tuple(v._h5[k].shape[0] if k in v._h5 else 0
+                                 for k in ("rgb", "flow_x", "flow_y", "bflow_x", "bflow_y"))
+                    if lens != expected:
+                        return f"attributes say {v.num_frames}/{v.num_flows}/{v.num_bflows} but datasets hold {lens}"
         except (StoreError, OSError, KeyError, ValueError) as e:
             return str(e)
         return None

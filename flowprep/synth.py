@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import click
 import cv2
 import numpy as np
 
-from flowprep.store import write_atomic
-from flowprep.video import parse_size
+from twostream.atomic import atomic_path, write_atomic
+from twostream.schema import ConfigError, Key, Section, given, integer, names, size
 
 # RGB colours of equal luminance (~79.9 grey levels) so the grey image does not show the colour.
 COLOURS = {"Red": (197, 30, 30), "Green": (30, 115, 30), "Blue": (60, 60, 235)}
@@ -127,18 +125,17 @@ def render_video(scene: dict, colour: tuple[int, int, int], motion: str, frames:
 
 
 def write_avi(path: Path, frames: list[np.ndarray]) -> None:
-    """Write MJPG .avi atomically (temp name + rename)."""
+    """Write MJPG .avi atomically."""
     h, w = frames[0].shape[:2]
-    tmp = path.with_name(f".tmp.{uuid.uuid4().hex}.avi")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (w, h))
-    if not writer.isOpened():
-        raise SynthError(f"OpenCV cannot write an MJPG video at {tmp}")
-    try:
-        for f in frames:
-            writer.write(f)
-    finally:
-        writer.release()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (w, h))
+        if not writer.isOpened():
+            raise SynthError(f"OpenCV cannot write an MJPG video at {tmp}")
+        try:
+            for f in frames:
+                writer.write(f)
+        finally:
+            writer.release()
 
 
 def _default_test_groups(groups: int) -> int:
@@ -248,68 +245,40 @@ def existing_set(out: Path) -> dict | None:
     return info if complete else None
 
 
-SYNTH_DEFAULTS = dict(videos_per_class=24, frames=24, size="128x96", seed=0, colours=["Red", "Green"],
-                      motions=["Up", "Down"], clips_per_group=4)
-
-
-def _names(value) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    return tuple(str(v).strip() for v in items if str(v).strip())
-
-
-def settings_from_pipeline(path: Path) -> tuple[Path, dict]:
-    """(videos root, [synth] settings) of a pipeline TOML: the set goes where `flowprep extract` reads."""
-    from trainer.config import ConfigError, load_pipeline
-
-    try:
-        cfg = load_pipeline(path)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
-    videos = cfg.get("data", {}).get("videos")
-    if not videos:
-        raise click.UsageError(f"pipeline {path} has no data.videos (where the synthetic set goes)")
-    synth = cfg.get("synth", {})
-    unknown = sorted(set(synth) - set(SYNTH_DEFAULTS))
-    if unknown:
-        raise click.UsageError(f"unknown key(s) {', '.join('synth.' + k for k in unknown)} in {path}; "
-                               f"known: {', '.join(sorted(SYNTH_DEFAULTS))}")
-    return Path(videos), synth
+SYNTH = Section("synth", {
+    "videos_per_class": Key(24, "Groups x clips per group.", integer, min=2),
+    "frames": Key(24, "Frames per video.", integer, min=2),
+    "size": Key((128, 96), "Frame size WIDTHxHEIGHT.", size, metavar="WxH"),
+    "seed": Key(0, "Random seed; the same seed gives the same files.", integer, min=0),
+    "colours": Key(["Red", "Green"], f"Comma-separated, from {','.join(COLOURS)}.", names, choices=tuple(COLOURS)),
+    "motions": Key(["Up", "Down"], f"Comma-separated, from {','.join(MOTIONS)}.", names, choices=MOTIONS),
+    "clips_per_group": Key(4, "Clips per group (clips of a group share their scene, as in UCF-101).", integer,
+                           min=1),
+}, doc="flowprep synth: the synthetic demo set.")
 
 
 @click.command("synth")
 @click.option("--pipeline", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Take --out from data.videos and defaults from the [synth] section of this pipeline TOML.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Videos root to create.")
-@click.option("--videos-per-class", type=int, help=f"Groups x clips per group [{SYNTH_DEFAULTS['videos_per_class']}].")
-@click.option("--frames", type=int, help=f"Frames per video [{SYNTH_DEFAULTS['frames']}].")
-@click.option("--size", "size_text", help=f"Frame size WIDTHxHEIGHT [{SYNTH_DEFAULTS['size']}].")
-@click.option("--seed", type=int, help="Random seed [0]; the same seed gives the same files.")
-@click.option("--colours", help=f"Comma-separated, from {','.join(COLOURS)} [Red,Green].")
-@click.option("--motions", help=f"Comma-separated, from {','.join(MOTIONS)} [Up,Down].")
-@click.option("--clips-per-group", type=int, help=f"[{SYNTH_DEFAULTS['clips_per_group']}]")
+@SYNTH.options()
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out that holds something else.")
-def synth_command(pipeline: Path | None, out: Path | None, overwrite: bool, size_text: str | None, **given) -> None:
+def synth_command(pipeline: Path | None, out: Path | None, overwrite: bool, **options) -> None:
     """Write a small synthetic colour x motion action set in UCF-101 layout (for demos and tests).
 
     Re-running with the same settings leaves an existing set alone.
     """
-    settings = dict(SYNTH_DEFAULTS)
-    if pipeline is not None:
-        videos, from_file = settings_from_pipeline(pipeline)
-        settings.update(from_file)
-        out = out or videos
+    from twostream.pipeline import load_pipeline
+
+    try:
+        cfg = load_pipeline(pipeline) if pipeline else {"synth": {}, "data": {"videos": ""}}
+        settings = SYNTH.validate({**cfg["synth"], **given(options)})
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    out = out or (Path(cfg["data"]["videos"]) if cfg["data"]["videos"] else None)
     if out is None:
         raise click.UsageError("give --out DIR (or --pipeline FILE with data.videos)")
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if size_text is not None:
-        settings["size"] = size_text
-    try:
-        size = parse_size(str(settings["size"]))
-        kwargs = dict(videos_per_class=int(settings["videos_per_class"]), frames=int(settings["frames"]),
-                      size=size, seed=int(settings["seed"]), colours=_names(settings["colours"]),
-                      motions=_names(settings["motions"]), clips_per_group=int(settings["clips_per_group"]))
-    except (ValueError, TypeError) as e:
-        raise click.UsageError(str(e)) from e
+    kwargs = dict(settings, colours=tuple(settings["colours"]), motions=tuple(settings["motions"]))
     existing = existing_set(out)
     if existing is not None and not overwrite and existing.get("settings") == synth_settings(**kwargs):
         click.echo(f"{out} already holds this synthetic set ({existing['videos']} videos); leaving it as it is")

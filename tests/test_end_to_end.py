@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flowprep.extract import ExtractOptions, run_extract
 from flowprep.synth import synth_dataset
-from trainer.config import apply_override, load_pipeline
+from twostream.pipeline import apply_override, load_pipeline
 from trainer.fuse_eval import fuse_eval
 from trainer.train import main as train
 

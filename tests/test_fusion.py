@@ -59,13 +59,13 @@ def test_complementary_streams_fused_beat_both():
     fused = average(sp, te)
     assert acc(sp.scores, sp.labels) < 0.7 and acc(te.scores, te.labels) < 0.7  # each only half-knows
     assert acc(fused, sp.labels) > 0.95
-    assert acc(weighted(sp, te, (1, 1.5)), sp.labels) > 0.9
+    assert acc(weighted([sp, te], (1, 1.5)), sp.labels) > 0.9
 
 
 def test_identical_streams_fuse_to_themselves():
     sp, _ = complementary("t", 50, 1)
     np.testing.assert_allclose(average(sp, sp), sp.scores, rtol=1e-6)
-    np.testing.assert_allclose(weighted(sp, sp, (1, 3)), sp.scores, rtol=1e-6)
+    np.testing.assert_allclose(weighted([sp, sp], (1, 3)), sp.scores, rtol=1e-6)
 
 
 def test_mismatched_videos_raise_clear_error():
@@ -81,7 +81,7 @@ def test_mismatched_videos_raise_clear_error():
     with pytest.raises(FusionError, match="class lists"):
         average(sp, renamed)
     with pytest.raises(FusionError, match="weights"):
-        weighted(sp, te, (0, 0))
+        weighted([sp, te], (0, 0))
 
 
 def test_weights_chosen_on_val_only(tmp_path):
@@ -90,9 +90,9 @@ def test_weights_chosen_on_val_only(tmp_path):
     labels = rng.integers(0, 4, 60)
     val_te = softmax(4.0 * np.eye(4)[labels] + rng.normal(0, 1, (60, 4)))
     val_sp = softmax(rng.normal(0, 2, (60, 4)))
-    w = choose_weights(make("v", labels, val_sp), make("v", labels, val_te))
+    w = choose_weights([make("v", labels, val_sp), make("v", labels, val_te)])
     assert w[1] > w[0]
-    assert w == choose_weights(make("v", labels, val_sp), make("v", labels, val_te))  # deterministic
+    assert w == choose_weights([make("v", labels, val_sp), make("v", labels, val_te)])  # deterministic
 
     # Test set where the opposite holds: chosen weights must not move, whatever the test scores are.
     test_sp, test_te = make("t", labels, val_te), make("t", labels, val_sp)
@@ -102,15 +102,15 @@ def test_weights_chosen_on_val_only(tmp_path):
     poisoned = make("t", (labels + 1) % 4, softmax(rng.normal(0, 3, (60, 4))))
     second = fuse_eval(cfg, streams_scores={"spatial": {"test": poisoned}, "temporal": {"test": poisoned}},
                        evaluate=False)
-    assert first["weights"] == second["weights"] == w
-    assert first["report"]["params"]["weights_source"] == "chosen on 60 validation videos"
+    assert first["params"]["weighted"]["weights"] == second["params"]["weighted"]["weights"] == list(w)
+    assert first["report"]["params"]["weighted"]["source"] == "chosen on 60 validation videos"
 
 
 def test_given_weights_need_no_val(tmp_path):
     sp, te = complementary("t", 40, 4)
     cfg = write_run(tmp_path, {"test": (sp, te)}, methods=["weighted"], weights=[1.0, 2.0])
     result = fuse_eval(cfg, evaluate=False)  # would fail if it looked for val scores
-    np.testing.assert_allclose(result["report"]["params"]["weights"], [1.0, 2.0])
+    np.testing.assert_allclose(result["report"]["params"]["weighted"]["weights"], [1.0, 2.0])
 
 
 def test_svm_solves_what_averaging_cannot():
@@ -125,21 +125,21 @@ def test_svm_solves_what_averaging_cannot():
 
     train, test = part("tr", 200, 5), part("te", 100, 6)
     assert acc(average(*test), test[0].labels) < 0.1
-    fused, model = svm_fuse(*train, *test, C=1.0)
+    fused, model = svm_fuse(train, test, C=1.0)
     assert fused.shape == (100, 4) and acc(fused, test[0].labels) > 0.95
     assert model.weights.shape == (4, 8)
 
 
 def test_svm_ignores_test_labels_and_refuses_test_videos_in_training():
     train, test = complementary("tr", 200, 7), complementary("te", 80, 8)
-    fused, _ = svm_fuse(*train, *test)
+    fused, _ = svm_fuse(train, test)
     perm = np.random.default_rng(0).permutation(80)
     relabel = [Scores(s.video_ids, s.labels[perm], CLASSES, s.scores) for s in test]
-    fused_relabelled, _ = svm_fuse(*train, *relabel)
+    fused_relabelled, _ = svm_fuse(train, relabel)
     np.testing.assert_array_equal(fused, fused_relabelled)
     assert acc(fused, test[0].labels) > 0.95
     with pytest.raises(FusionError, match="training and the test"):
-        svm_fuse(*test, *test)
+        svm_fuse(test, test)
 
 
 def test_svm_reaches_the_optimum():
@@ -193,8 +193,8 @@ def test_scores_come_from_score_stream_unless_reused(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "trainer.evaluate", types.SimpleNamespace(score_stream=score_stream))
     fuse_eval(cfg, reuse_scores=True)
     assert calls == []
-    fuse_eval(cfg)
-    assert calls == [("spatial", "test"), ("temporal", "test")]
+    fuse_eval(cfg)  # the validation part too: the best fusion is chosen on it
+    assert calls == [("spatial", "test"), ("temporal", "test"), ("spatial", "val"), ("temporal", "val")]
     with pytest.raises(FusionError, match="no spatial scores for the train part"):
         fuse_eval(cfg, methods=["svm"], evaluate=False)
 

@@ -4,6 +4,7 @@ import torch
 
 from flowprep.store import Store
 from trainer.data import ClipDataset, EpochSampler, ShardSampler
+from trainer.streams import INPUTS
 from trainer_toy import make_toy
 
 
@@ -22,17 +23,17 @@ def test_flow_stack_is_x1_y1_x2_y2_in_order(store):
             v.flow_stack(3, 3)
 
 
-@pytest.mark.parametrize("stream,channels", [("spatial", 3), ("temporal", 20)])
+@pytest.mark.parametrize("stream,channels", [("rgb", 3), ("flow", 20)])
 def test_train_samples_are_uint8_and_a_function_of_seed_epoch_index(store, stream, channels):
     ids = ["down/v_down_train000", "up/v_up_train001"]
     # temporal with L = 10 > 5 flows: the last flow repeats
-    ds = ClipDataset(store, ids, [0, 1], [(6, 5)] * 2, stream=stream, crop_size=32, flow_length=10,
+    ds = ClipDataset(store, ids, [0, 1], [(6, 5)] * 2, kind=INPUTS[stream], crop_size=32, flow_length=10,
                      train=True, segments=3, seed=7)
     x, y = ds[(2, 1)]
     assert x.shape == (3, channels, 32, 32) and x.dtype == torch.uint8 and y == 1
     assert torch.equal(ds[(2, 1)][0], x)
     assert any(not torch.equal(ds[(e, 1)][0], x) for e in range(3, 8))
-    val = ClipDataset(store, ids, [0, 1], [(6, 5)] * 2, stream=stream, crop_size=32, flow_length=10, train=False)
+    val = ClipDataset(store, ids, [0, 1], [(6, 5)] * 2, kind=INPUTS[stream], crop_size=32, flow_length=10, train=False)
     assert val[0][0].shape == (1, channels, 32, 32)
 
 

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError
+from twostream.schema import ConfigError
 from trainer.data import ProtocolDataset
 from trainer.evaluate import score_stream
 from trainer.scores import load_scores
+from trainer.streams import INPUTS
 from trainer.train import main
 from trainer_toy import make_toy, toy_config
 
@@ -40,7 +41,7 @@ def test_score_stream_needs_a_trained_model(tmp_path, trained):
 def test_protocol_items_are_25_evenly_spaced_stacks_in_ten_crops(trained):
     _, store, _, _ = trained
     # 5 frames = 4 flows; L = 3 gives 2 stack starts (0 and 1) spread over 25 samples.
-    ds = ProtocolDataset(store, ["up/v_up_test000"], [1], [(5, 4)], stream="temporal", crop_size=32,
+    ds = ProtocolDataset(store, ["up/v_up_test000"], [1], [(5, 4)], kind=INPUTS["flow"], crop_size=32,
                          flow_length=3, samples=25, crops="ten")
     assert len(ds) == 25
     x, j = ds[0]

@@ -22,14 +22,14 @@ def test_cross_modality_init_averages_rgb_filters_over_2L_channels(resnet18_file
     for c in range(20):
         assert torch.allclose(w[:, c], expected)
     assert torch.equal(model.layer4[1].conv2.weight, sd["layer4.1.conv2.weight"])  # the rest loaded as is
-    assert model.fc[1].out_features == 7 and model(torch.zeros(2, 20, 32, 32)).shape == (2, 7)
+    assert model.fc.out_features == 7 and model(torch.zeros(2, 20, 32, 32)).shape == (2, 7)
 
 
 def test_spatial_model_loads_rgb_weights_and_new_head(resnet18_file):
     sd = torch.load(resnet18_file, weights_only=True)
     model = build_model("resnet18", num_classes=3, pretrained=resnet18_file, dropout=0.3)
     assert torch.equal(model.conv1.weight, sd["conv1.weight"])
-    assert model.fc[0].p == 0.3 and model.fc[1].out_features == 3
+    assert model.fc.p == 0.3 and model.fc.out_features == 3
 
 
 def test_vgg16_bn_temporal_first_conv_and_classifier():

@@ -80,7 +80,7 @@ def test_wrong_split_format_or_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "hdf5"])
-def test_check_videos_names_missing_and_incomplete_or_skips(tmp_path, fmt, capsys):
+def test_check_videos_names_missing_and_incomplete_or_skips(tmp_path, fmt, caplog):
     root = tmp_path / "store"
     write_store_info(root, {"format": fmt})
     img = np.zeros((8, 8, 3), np.uint8)
@@ -103,7 +103,7 @@ def test_check_videos_names_missing_and_incomplete_or_skips(tmp_path, fmt, capsy
     assert "--skip-missing" in str(e.value)
     kept, counts = check_videos(Store(root), part, skip_missing=True)
     assert kept.video_ids == ["a/ok"] and counts == [(3, 2)]
-    assert "skipping 2" in capsys.readouterr().err
+    assert "skipping 2" in caplog.text
 
 
 def test_flow_only_videos_are_rejected_for_the_spatial_stream_only(tmp_path):
@@ -119,4 +119,4 @@ def test_flow_only_videos_are_rejected_for_the_spatial_stream_only(tmp_path):
     kept, counts = check_videos(Store(root), part)  # temporal: flow is all it needs
     assert kept.video_ids == ["a/flowonly"] and counts == [(3, 2)]
     with pytest.raises(StoreError, match="--no-rgb"):
-        check_videos(Store(root), part, need_rgb=True)
+        check_videos(Store(root), part, reads=("rgb", "flow"))

@@ -139,7 +139,7 @@ def test_cli_bad_inputs_fail_before_training_with_clear_messages(tinted, tmp_pat
     assert "unknown architecture 'resnet7'" in run("--arch", "resnet7")
     assert "nope.pth does not exist" in run("--pretrained", str(tmp_path / "nope.pth"))
     assert "classInd.txt" in run("-o", "data.split_format=ucf101")
-    assert "unknown key(s) train.lr_step" in run("-o", "train.lr_step=3")
+    assert "unknown key train.lr_step; did you mean train.lr_steps" in run("-o", "train.lr_step=3")
     missing = (Path(splits) / "train.txt").read_text() + "down/v_never_extracted.avi 0\n"
     (tmp_path / "s2").mkdir()
     (tmp_path / "s2/train.txt").write_text(missing)

@@ -3,6 +3,9 @@ import pytest
 import torch
 
 from trainer import transforms as T
+from trainer.streams import IMAGENET_MEAN, IMAGENET_STD, INPUTS, clamped
+
+X = slice(0, None, 2)  # flow x channels
 
 
 def test_evenly_spaced_25_span_the_video():
@@ -20,11 +23,12 @@ def test_evenly_spaced_short_video_repeats_frames():
 
 
 def test_stacks_stay_inside_the_video_even_when_shorter_than_L():
-    starts = T.stack_starts(num_flows=40, length=10, k=25)
+    flow = INPUTS["flow"]
+    starts = T.evenly_spaced(flow.positions(41, 40, 10), 25)
     assert starts[0] == 0 and starts[-1] == 30  # last stack ends on the last flow
-    starts = T.stack_starts(num_flows=4, length=10, k=25)
+    starts = T.evenly_spaced(flow.positions(5, 4, 10), 25)
     assert set(starts) == {0}
-    assert T.stack_indices(0, 10, 4) == [0, 1, 2, 3, 3, 3, 3, 3, 3, 3]
+    assert clamped(0, 10, 4) == [0, 1, 2, 3, 3, 3, 3, 3, 3, 3]
 
 
 def test_segment_index_train_random_within_segments_and_middle_at_test():
@@ -43,11 +47,11 @@ def flow_image(h=8, w=10, channels=4):
 
 def test_flip_inverts_flow_x_only():
     img = flow_image()
-    out = T.flip(img, is_flow=True)
+    out = T.flip(img, negate=X)
     assert np.array_equal(out[:, :, 0::2], 255 - img[:, ::-1, 0::2])  # x channels: mirrored and negated
     assert np.array_equal(out[:, :, 1::2], img[:, ::-1, 1::2])        # y channels: mirrored only
     rgb = flow_image(channels=3)
-    assert np.array_equal(T.flip(rgb, is_flow=False), rgb[:, ::-1])
+    assert np.array_equal(T.flip(rgb, negate=None), rgb[:, ::-1])
     # Zero motion (127.5) stays about zero; 255 - q is the exact mirror in the quantized domain.
     assert np.array_equal(T.flip(T.flip(img, True), True), img)
 
@@ -63,7 +67,7 @@ def test_multiscale_crop_boxes_use_tsn_scales_at_corners_or_center():
         assert (y in (0, h - ch, (h - ch) // 2)) and (x in (0, w - cw, (w - cw) // 2))
         seen.add((y == 0, x == 0))
     assert len(seen) == 4
-    out = T.train_crop(flow_image(48, 64, 20), 32, rng, is_flow=True)
+    out = T.train_crop(flow_image(48, 64, 20), 32, rng, negate=X)
     assert out.shape == (32, 32, 20) and out.dtype == np.uint8
 
 
@@ -77,36 +81,36 @@ def position_image(h, w, channels):
 
 def test_ten_crops_are_corners_center_and_flipped_with_flow_x_inverted():
     img = position_image(40, 50, 4)
-    crops = T.ten_crop(img, 20, is_flow=True)
+    crops = T.ten_crop(img, 20, negate=X)
     assert len(crops) == 10
     tl = [(c[0, 0, 1], c[0, 0, 0]) for c in crops[:5]]  # (row, col) of each crop's top-left pixel
     assert tl == [(0, 0), (0, 30), (20, 0), (20, 30), (10, 15)]
     for plain, mirrored in zip(crops[:5], crops[5:]):
         assert np.array_equal(mirrored[..., 0], 255 - plain[:, ::-1, 0])  # x flow negated
         assert np.array_equal(mirrored[..., 1], plain[:, ::-1, 1])
-    rgb = T.ten_crop(position_image(40, 50, 3), 20, is_flow=False)
+    rgb = T.ten_crop(position_image(40, 50, 3), 20, negate=None)
     assert np.array_equal(rgb[5][..., 0], rgb[0][:, ::-1, 0])  # RGB mirrored, not negated
 
 
 def test_eval_crops_resize_short_side_like_the_paper():
     img = position_image(256, 340, 3)
-    (c,) = T.eval_crops(img, 224, "center", is_flow=False)
+    (c,) = T.eval_crops(img, 224, "center", negate=None)
     assert c.shape == (224, 224, 3)
     assert c[0, 0, 1] == 16 and c[0, 0, 0] == 58  # 256 short side kept, centered
-    assert len(T.eval_crops(img, 224, "ten", is_flow=False)) == 10
-    small = T.eval_crops(position_image(40, 48, 6), 32, "ten", is_flow=True)
+    assert len(T.eval_crops(img, 224, "ten", negate=None)) == 10
+    small = T.eval_crops(position_image(40, 48, 6), 32, "ten", negate=X)
     assert all(x.shape == (32, 32, 6) for x in small)
     with pytest.raises(ValueError, match="center' or 'ten"):
-        T.eval_crops(img, 224, "five", is_flow=False)
+        T.eval_crops(img, 224, "five", negate=None)
 
 
 def test_normalize_rgb_and_flow_with_mean_subtraction():
     x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    y = T.normalize(x, "spatial")
+    y = INPUTS["rgb"].to_network(x, 1, False)
     assert y.dtype == torch.float32
-    assert torch.allclose(y[0, :, 0, 0], torch.tensor([(1 - m) / s for m, s in zip(T.IMAGENET_MEAN, T.IMAGENET_STD)]))
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]))
     f = torch.randint(0, 256, (2, 6, 8, 8), dtype=torch.uint8)
-    g = T.normalize(f, "temporal", mean_subtraction=True)
+    g = INPUTS["flow"].to_network(f, 3, True)
     assert g.mean(dim=(2, 3)).abs().max() < 1e-5
-    zero = T.normalize(torch.full((1, 2, 2, 2), 128, dtype=torch.uint8), "temporal")
+    zero = INPUTS["flow"].to_network(torch.full((1, 2, 2, 2), 128, dtype=torch.uint8), 1, False)
     assert zero.abs().max() < 0.01  # quantized zero motion maps to about 0

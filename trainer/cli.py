@@ -1,97 +1,143 @@
-"""`python -m trainer`: train a stream, or score it with the paper's test protocol.
+"""`python -m trainer`: train a stream, score it with the paper's test protocol, fuse, inspect.
 
-Options are shorthands for pipeline overrides on the stream's own section (so they win
-over [train] and [<stream>] in the file); `-o section.key=value` sets anything else and
-is applied last.
+Options are shorthands for pipeline keys, taken from the same schemas as the pipeline files
+(trainer/config.py): the training options set the stream's own section, so they win over
+[train] and [streams.NAME] in the file; `-o section.key=value` sets anything else and is
+applied last. torch is imported only by the commands that need it, so `--help` is instant.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
 from flowprep.store import StoreError
-from trainer.config import ConfigError, apply_override, load_pipeline, set_key
+from trainer.config import DATA, STREAM, resolve_stream, stream_names, stream_settings
 from trainer.fuse_eval import fuse_eval_command
-from trainer.models import ModelError
 from trainer.splits import SplitError
+from twostream.pipeline import describe, load_pipeline, read_pipeline
+from twostream.progress import setup_logging
+from twostream.schema import ConfigError, given
 
-ERRORS = (ConfigError, SplitError, StoreError, ModelError)
-
-
-def build_config(pipeline: str, stream: str, options: dict, overrides: tuple[str, ...]) -> dict:
-    """Pipeline file + option shorthands + -o overrides, in that order of precedence (last wins)."""
-    names = {"store": "data.store", "split": "data.split", "skip_missing": "data.skip_missing", "out": "out",
-             "arch": f"{stream}.arch", "pretrained": f"{stream}.pretrained", "epochs": f"{stream}.epochs",
-             "batch_size": f"{stream}.batch_size", "lr": f"{stream}.lr", "schedule": f"{stream}.schedule",
-             "workers": f"{stream}.workers", "device": f"{stream}.device", "seed": f"{stream}.seed",
-             "resume": f"{stream}.resume"}
-    cfg = load_pipeline(pipeline)
-    for key, value in options.items():
-        if value is not None and value is not False:  # not given on the command line
-            set_key(cfg, names[key], value)
-    for o in overrides:
-        apply_override(cfg, o)
-    return cfg
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+TRAIN_OPTIONS = ("arch", "pretrained", "freeze", "epochs", "batch_size", "lr", "optimizer", "schedule", "workers",
+                 "device", "amp", "seed")
 
 
-@click.group()
-def main() -> None:
-    """Train and evaluate the two streams of a two-stream action recogniser."""
+def errors() -> tuple[type[Exception], ...]:
+    from trainer.models import ModelError
+
+    return ConfigError, SplitError, StoreError, ModelError
+
+
+def build_config(pipeline: str, stream: str, options: dict, overrides: tuple[str, ...]) -> tuple[dict, str]:
+    """(validated pipeline, stream name): file < option shorthands < -o overrides (last wins)."""
+    raw = read_pipeline(pipeline)
+    name = resolve_stream(raw, stream)
+    values = {}
+    for key, value in given(options).items():
+        if key in ("store", "split", "skip_missing"):
+            values[f"data.{key}"] = value
+        elif key == "out":
+            values["out"] = value
+        elif key == "resume":
+            values[f"streams.{name}.resume"] = True if value == "true" else value
+        else:
+            values[f"streams.{name}.{key}"] = value
+    return load_pipeline(pipeline, overrides, values, raw=raw), name
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("-v", "--verbose", count=True, help="More detail (-vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def main(verbose: int, quiet: bool) -> None:
+    """Train, evaluate and fuse the streams of a two-stream action recogniser.
+
+    Progress shows as a bar on a terminal and as a status line every 30 s
+    (TWOSTREAM_PROGRESS_SECONDS) when output goes to a file.
+    """
+    setup_logging(-1 if quiet else verbose)
 
 
 def common_options(f):
     f = click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                      help="Set any pipeline key, e.g. -o train.weight_decay=1e-4 (repeatable; applied last).")(f)
-    f = click.option("--skip-missing", is_flag=True, default=None,
-                     help="Leave out videos missing or incomplete in the store (with a warning) instead of stopping.")(f)
-    f = click.option("--out", type=click.Path(file_okay=False), help="Run directory (pipeline `out`).")(f)
-    f = click.option("--device", help="auto, cpu, cuda or cuda:N.")(f)
-    f = click.option("--workers", type=int, help="Data loader worker processes per GPU.")(f)
-    f = click.option("--split", type=int, help="Split number (UCF-101: 1-3, HMDB-51: 1-3).")(f)
-    f = click.option("--store", "--data-root", "store", type=click.Path(), help="flowprep store to read (data.store).")(f)
+    f = click.option("--out", "--output-dir", "out", type=click.Path(file_okay=False),
+                     help="Run folder (pipeline `out`) [default: runs/<name>].")(f)
+    f = DATA.options("store", "split", "skip_missing")(f)
     f = click.option("--pipeline", required=True, type=click.Path(dir_okay=False),
                      help="Pipeline file, e.g. pipelines/ucf101.toml.")(f)
-    f = click.option("--stream", required=True, type=click.Choice(["spatial", "temporal"]))(f)
+    f = click.option("--stream", required=True, metavar="NAME",
+                     help="spatial, temporal (or rgb, flow), or any [streams.NAME] of the pipeline.")(f)
     return f
 
 
-@main.command()
+def _fail(e: Exception) -> click.ClickException:
+    if isinstance(e, OSError):  # a disk full or unwritable run folder: a sentence, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        return click.ClickException(f"{e.strerror or e}{where}; free some space or choose another --out")
+    return click.ClickException(str(e))
+
+
+@main.command(context_settings=CONTEXT)
 @common_options
-@click.option("--arch", help="Backbone: resnet18/34/50/101/152, vgg16, vgg16_bn, ...")
-@click.option("--pretrained", type=click.Path(dir_okay=False),
-              help="Local torchvision ImageNet state_dict file (never downloaded); cross-modality init for temporal.")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int, help="Global batch size (split across GPUs).")
-@click.option("--lr", type=float)
-@click.option("--schedule", type=click.Choice(["step", "cosine", "constant"]))
-@click.option("--seed", type=int)
-@click.option("--resume", is_flag=True, default=None, help="Continue from {out}/<stream>/last.pt.")
+@STREAM.options(*TRAIN_OPTIONS)
+@click.option("--resume", is_flag=False, flag_value="true", default=None, metavar="[PATH]",
+              help="Continue from <out>/<stream>/last.pt, or from the checkpoint PATH.")
 def train(stream, pipeline, overrides, **options):
     """Train one stream (torchrun --nproc-per-node N -m trainer train ... for several GPUs)."""
     from trainer.train import TrainingError, main as train_main
 
     try:
-        summary = train_main(build_config(pipeline, stream, options, overrides), stream)
-    except ERRORS + (TrainingError,) as e:
-        raise click.ClickException(str(e)) from e
+        cfg, name = build_config(pipeline, stream, options, overrides)
+        summary = train_main(cfg, name)
+    except (*errors(), TrainingError, OSError) as e:
+        raise _fail(e) from e
     if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
-        click.echo(f"{stream}: best val accuracy {summary['best_acc']:.4f}; checkpoints in {summary['out']}")
+        click.echo(f"{name}: best val accuracy {summary['best_acc']:.4f}; checkpoints in {summary['out']}")
 
 
-@main.command("evaluate")
+@main.command("evaluate", context_settings=CONTEXT)
 @common_options
-@click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@STREAM.options("workers", "device")
+@click.option("--part", type=click.Choice(["test", "val", "train"]), default="test")
 def evaluate_cmd(stream, pipeline, overrides, part, **options):
     """Score a trained stream with the test protocol ([eval]); writes {out}/<stream>/scores_<part>.npz."""
-    from trainer.evaluate import score_stream
-
     try:
-        s = score_stream(build_config(pipeline, stream, options, overrides), stream, part)
-    except ERRORS as e:
-        raise click.ClickException(str(e)) from e
+        cfg, name = build_config(pipeline, stream, options, overrides)
+        from trainer.evaluate import score_stream
+
+        s = score_stream(cfg, name, part)
+    except (*errors(), OSError) as e:
+        raise _fail(e) from e
     acc = float((s.scores.argmax(1) == s.labels).mean()) if len(s.labels) else float("nan")
-    click.echo(f"{stream} {part}: {len(s.labels)} videos, accuracy {acc:.4f}")
+    click.echo(f"{name} {part}: {len(s.labels)} videos, accuracy {acc:.4f}")
+
+
+@main.command("show-config", context_settings=CONTEXT)
+@click.option("--pipeline", type=click.Path(dir_okay=False), help="Show this pipeline's values (else the schema).")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+def show_config(pipeline, overrides):
+    """Every pipeline key with its default and meaning, or a pipeline's resolved values."""
+    from twostream.pipeline import SECTIONS, TOP
+
+    if pipeline is None:
+        click.echo("\n\n".join(describe(s) for s in [TOP, *SECTIONS.values(), STREAM]))
+        return
+    try:
+        cfg = load_pipeline(pipeline, overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    import json
+
+    shown = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "streams"}
+    shown["streams"] = {n: stream_settings(cfg, n) for n in stream_names(cfg)}
+    click.echo(json.dumps(shown, indent=1, default=list))
 
 
 main.add_command(fuse_eval_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,61 +1,142 @@
-"""Pipeline configuration: a TOML file (pipelines/<name>.toml) plus command-line overrides.
+"""The trainer's pipeline sections: [data], [train] (and each [streams.NAME]), [eval], [fusion].
 
-Overrides are `section.key=value` strings; the value is parsed as TOML when it can be
-(numbers, booleans, quoted strings, arrays) and taken as a bare string otherwise, so
-`train.lr=0.01`, `data.store=data/x` and `eval.crops="ten"` all work.
+Each section is one schema (twostream.schema): keys, types, ranges, defaults and help, read by
+the pipeline loader (twostream.pipeline), the validation and the command-line options alike.
+This module imports neither torch nor the models, so `python -m trainer --help` stays fast.
+
+A stream's settings are the [train] defaults overridden by its own [streams.NAME] section
+(`stream_settings`); `spatial` (input rgb) and `temporal` (input flow) always exist, and older
+pipelines' [spatial] / [temporal] sections are those two streams' sections.
 """
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
-from typing import Any
+from twostream.schema import (ConfigError, Invalid, Key, Section, boolean, int_list, integer, names, number, number_list)
+from trainer.streams import DEFAULT_STREAMS, INPUTS, check_length, get_input
+
+__all__ = ["ConfigError", "DATA", "TRAIN", "STREAM", "EVAL", "FUSION", "stream_settings", "stream_names"]
+
+SPLIT_FORMATS = ("ucf101", "hmdb51", "list")
+# --stream rgb|flow, as MMAction2 users name the two streams.
+STREAM_ALIASES = {"rgb": "spatial", "flow": "temporal"}
+
+DATA = Section("data", {
+    "videos": Key("", "Folder of source videos (flowprep extract --videos).", flags=None),
+    "store": Key("", "The flowprep store to train from.", flags=("--store", "--data-path", "--data-root")),
+    "split_format": Key("ucf101", "ucf101: classInd.txt + trainlistNN/testlistNN; hmdb51: <class>_test_splitN.txt; "
+                        "list: train.txt / test.txt of '<path> <label>'.", choices=SPLIT_FORMATS, flags=None),
+    "splits": Key("", "Folder of the split files.", flags=None),
+    "split": Key(1, "Split number (UCF-101 and HMDB-51: 1-3).", integer, min=1),
+    "val_fraction": Key(0.1, "Share of the training split's groups held out to choose the best epoch and the "
+                        "fusion (never the test split).", number, min=0, max=0.9, flags=None),
+    "skip_missing": Key(False, "Leave out videos missing or incomplete in the store (with a warning) instead of "
+                        "stopping.", boolean),
+}, doc="Where the videos, the store and the split files are.")
 
 
-class ConfigError(ValueError):
-    """A pipeline file or override that cannot be used; the message says which and why."""
+def _resume(v):
+    """true/false, or the path of a checkpoint to continue from."""
+    if isinstance(v, bool) or (isinstance(v, str) and v not in ("true", "false", "yes", "no")):
+        return v
+    raise Invalid("true, false, or a checkpoint path in quotes")
 
 
-def parse_value(text: str) -> Any:
+def _check_train(v: dict) -> None:
+    if v["lr_steps"] != sorted(v["lr_steps"]):
+        raise ConfigError(f"lr_steps = {v['lr_steps']}: epochs must be in increasing order")
+
+
+TRAIN_KEYS = {
+    "arch": Key("resnet18", "Backbone: resnet18/34/50/101/152, vgg11_bn, vgg16, vgg16_bn, vgg19_bn or cnn_m_2048 "
+                "(the paper's CNN-M-2048)."),
+    "pretrained": Key("", "Local weights file: a torchvision ImageNet state_dict, one of our checkpoints, or an "
+                      "MMAction2/mmengine checkpoint (never downloaded). Flow inputs get the cross-modality init.",
+                      metavar="PATH"),
+    "freeze": Key("none", "none: fine-tune everything; backbone: train the last layer only (paper sec. 4).",
+                  choices=("none", "backbone")),
+    "epochs": Key(10, "Training epochs.", integer, min=1),
+    "batch_size": Key(32, "Global batch size: split across the processes of a torchrun job, so the learning rate "
+                      "does not depend on the GPU count.", integer, min=1, flags=("--batch-size", "-b")),
+    "lr": Key(0.001, "Learning rate.", number, above=0),
+    "optimizer": Key("sgd", "sgd (with momentum) or adamw.", choices=("sgd", "adamw")),
+    "momentum": Key(0.9, "SGD momentum.", number, min=0, max=0.999, flags=None),
+    "weight_decay": Key(5e-4, "Weight decay.", number, min=0, flags=None),
+    "schedule": Key("step", "step: x lr_gamma at each epoch in lr_steps; cosine: to zero at the last epoch; "
+                    "constant.", choices=("step", "cosine", "constant")),
+    "lr_steps": Key([6, 9], "Epochs at which the step schedule multiplies the learning rate by lr_gamma.",
+                    int_list, min=1, flags=None),
+    "lr_gamma": Key(0.1, "Step schedule factor.", number, above=0, flags=None),
+    "warmup_epochs": Key(0.0, "Linear learning-rate warmup, in epochs.", number, min=0, flags=None),
+    "dropout": Key(0.5, "Dropout before the classifier.", number, min=0, max=0.99, flags=None),
+    "workers": Key(4, "Data loader worker processes per GPU.", integer, min=0, flags=("--workers", "-j")),
+    "device": Key("auto", "auto, cpu, cuda or cuda:N."),
+    "amp": Key(True, "bfloat16 autocast on CUDA (no effect on the CPU).", boolean),
+    "seed": Key(0, "Random seed: the same seed gives the same run.", integer, min=0),
+    "crop_size": Key(224, "Training crop side (test crops come from the short side scaled to 256/224 of it).",
+                     integer, min=8, flags=None),
+    "segments": Key(1, "TSN segments per training sample (1 = the paper's single frame or stack).", integer, min=1,
+                    flags=None),
+    "clip_grad": Key(0.0, "Gradient norm clipping (0 = off).", number, min=0, flags=None),
+    "freeze_bn": Key(False, "Keep BatchNorm layers on their running statistics.", boolean, flags=None),
+    "flow_length": Key(10, "L: flows per stack (flow inputs), or L+1 frames (rgb_stack, rgb_diff).", integer, min=1,
+                       flags=None),
+    "mean_subtraction": Key(True, "Flow inputs: subtract each flow field's mean (camera-motion compensation).",
+                            boolean, flags=None),
+    "resume": Key(False, "Continue from <out>/<stream>/last.pt (true) or from the checkpoint at this path.",
+                  _resume, flags=None),
+    "print_freq": Key(10, "Steps between status updates.", integer, min=1, flags=None),
+}
+TRAIN = Section("train", TRAIN_KEYS, _check_train, "Training settings shared by every stream.")
+
+
+def _check_stream(v: dict) -> None:
+    _check_train(v)
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+        check_length(get_input(v["input"]), v["flow_length"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
-def set_key(cfg: dict, dotted: str, value: Any, what: str = "") -> None:
-    """Set cfg[a][b]... = value for a dotted key "a.b...", creating sections as needed.
+STREAM = Section("streams.NAME", {
+    "input": Key("rgb", "What the stream sees: " + "; ".join(f"{k}: {i.doc}" for k, i in INPUTS.items()) + ".",
+                 choices=tuple(INPUTS), flags=None),
+    **TRAIN_KEYS}, _check_stream, "One stream: its input kind and any [train] key it sets differently.")
 
-    `what` names the setting in error messages (default: the dotted key).
-    """
-    what = what or dotted
-    keys = [k.strip() for k in dotted.split(".") if k.strip()]
-    if not keys:
-        raise ConfigError(f"override {what!r} names no key")
-    node = cfg
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {what!r}: {k!r} is a value, not a section")
-    node[keys[-1]] = value
+EVAL = Section("eval", {
+    "segments": Key(25, "Evenly spaced frames / stacks per video in the test protocol.", integer, min=1),
+    "crops": Key("center", "center: one centre crop; ten: corners and centre, and their mirrors.",
+                 choices=("center", "ten")),
+    "batch_size": Key(32, "Samples per evaluation batch.", integer, min=1),
+}, doc="The paper's test protocol.")
 
-
-def apply_override(cfg: dict, override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} is not of the form section.key=value")
-    dotted, text = override.split("=", 1)
-    set_key(cfg, dotted, parse_value(text.strip()), override)
+FUSION = Section("fusion", {
+    "streams": Key(["spatial", "temporal"], "The streams to fuse, in order.", names),
+    "methods": Key(["average", "weighted", "svm"], "Fusion methods to compare (see trainer/fusion.py).", names),
+    "weights": Key([], "Weighted fusion's weights, one per stream; empty = chosen on the validation part.",
+                   number_list, min=0),
+    "svm_c": Key(1.0, "Linear SVM fusion's C.", number, above=0),
+}, doc="Late fusion of the streams' scores.")
 
 
-def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read a pipeline TOML file and apply overrides; the file's folder is kept as `_path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file {path} does not exist (see pipelines/*.toml for the named ones)")
-    try:
-        cfg = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"pipeline file {path} is not valid TOML: {e}") from e
-    for o in overrides:
-        apply_override(cfg, o)
-    cfg["_path"] = str(path)
-    return cfg
+def stream_names(cfg: dict) -> list[str]:
+    """The streams a pipeline defines: spatial and temporal always, then its own."""
+    return list(dict.fromkeys([*DEFAULT_STREAMS, *cfg.get("streams", {})]))
+
+
+def resolve_stream(cfg: dict, name: str) -> str:
+    """A stream's name as the pipeline knows it (`rgb` / `flow` stand for spatial / temporal)."""
+    known = stream_names(cfg)
+    if name in known:
+        return name
+    if name in STREAM_ALIASES:
+        return STREAM_ALIASES[name]
+    raise ConfigError(f"unknown stream {name!r}; this pipeline defines {', '.join(known)} "
+                      "(add a [streams.NAME] section with an input to define another)")
+
+
+def stream_settings(cfg: dict, name: str) -> dict:
+    """Schema defaults < [train] < [streams.NAME], checked; includes `name` and `input`."""
+    name = resolve_stream(cfg, name)
+    own = dict(cfg.get("streams", {}).get(name, {}))
+    own.setdefault("input", DEFAULT_STREAMS.get(name, "rgb"))
+    values = {**TRAIN.validate(cfg.get("train", {}), cfg.get("_path", "")), **own}
+    return {"name": name, **STREAM.validate(values, cfg.get("_path", ""))}

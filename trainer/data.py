@@ -1,9 +1,10 @@
-"""Datasets and loaders over a flowprep store, for both streams.
+"""Datasets and loaders over a flowprep store, for any stream input (trainer/streams.py).
 
 A sample is a uint8 tensor [K, C, S, S]: K segments (TSN; K = 1 is the paper's single
-frame or stack), C = 3 (spatial) or 2L (temporal, x1, y1, ..., xL, yL), S the crop size.
-Workers decode, crop and flip on uint8 and the batch is pinned as uint8 (a quarter of the
-bytes of float32); the device converts and normalises (see transforms.normalize).
+frame or stack) or test crops, C the channels the stream's input loads (3 for RGB, 2L for a
+flow stack), S the crop size. Workers decode, crop and flip on uint8 and the batch is pinned
+as uint8 (a quarter of the bytes of float32); the device converts and normalises
+(`Input.to_network`).
 
 All randomness of a sample comes from (seed, epoch, index), and the order of an epoch from
 (seed, epoch): a resumed run sees exactly the batches an uninterrupted one would have, and
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from flowprep.store import Store, VideoReader
+from flowprep.store import Store, StoreError, VideoReader
 from trainer import transforms as T
+from trainer.streams import Input
 
 MAX_OPEN = 64  # open videos kept per worker (HDF5 file handles, JPEG meta)
 
@@ -55,28 +57,24 @@ class StoreVideos:
 
 class _StreamDataset(Dataset):
     def __init__(self, store_root: str | Path, video_ids: list[str], labels: list[int],
-                 counts: list[tuple[int, int]], stream: str, crop_size: int, flow_length: int = 10):
-        if stream not in ("spatial", "temporal"):
-            raise ValueError(f"stream must be 'spatial' or 'temporal', got {stream!r}")
+                 counts: list[tuple[int, int]], kind: Input, crop_size: int, flow_length: int = 10):
         self.videos = StoreVideos(store_root)
         self.video_ids, self.labels, self.counts = list(video_ids), list(labels), list(counts)
-        self.stream, self.crop_size, self.flow_length = stream, int(crop_size), int(flow_length)
-        self.is_flow = stream == "temporal"
+        self.kind, self.crop_size, self.flow_length = kind, int(crop_size), int(flow_length)
+        self.negate = kind.negate_on_flip(self.flow_length)
 
     def positions(self, j: int) -> int:
-        """How many frames (spatial) or stack starts (temporal) video j offers."""
+        """How many sample starts (frames, or stacks) video j offers."""
         frames, flows = self.counts[j]
-        return frames if not self.is_flow else max(flows - self.flow_length + 1, 1)
+        return self.kind.positions(frames, flows, self.flow_length)
 
     def image(self, j: int, pos: int) -> np.ndarray:
-        """HxWx3 RGB frame, or HxWx2L flow stack starting at flow `pos`."""
+        """HxWxC uint8: the stream input's sample of video j starting at `pos`."""
         reader = self.videos.get(self.video_ids[j])
-        if not self.is_flow:
-            return reader.rgb(int(pos))
-        if pos + self.flow_length <= reader.num_flows:
-            return reader.flow_stack(int(pos), self.flow_length)
-        idx = T.stack_indices(int(pos), self.flow_length, reader.num_flows)  # short video: last flow repeats
-        return np.concatenate([reader.flow(i) for i in idx], axis=-1)
+        try:
+            return self.kind.load(reader, int(pos), self.flow_length)
+        except StoreError as e:  # name the video: a stored frame went bad after the check at start
+            raise StoreError(f"{self.video_ids[j]}: {e}; run `flowprep verify` on the store") from e
 
 
 class ClipDataset(_StreamDataset):
@@ -102,9 +100,9 @@ class ClipDataset(_StreamDataset):
         if self.train:
             box = T.multiscale_crop_box(*images[0].shape[:2], rng)
             do_flip = rng.random() < 0.5
-            crops = [T.train_crop(im, self.crop_size, rng, self.is_flow, box, do_flip) for im in images]
+            crops = [T.train_crop(im, self.crop_size, rng, self.negate, box, do_flip) for im in images]
         else:
-            crops = [T.eval_crops(im, self.crop_size, "center", self.is_flow)[0] for im in images]
+            crops = [T.eval_crops(im, self.crop_size, "center", self.negate)[0] for im in images]
         return torch.stack([T.to_chw(c) for c in crops]), self.labels[j]
 
 
@@ -124,7 +122,7 @@ class ProtocolDataset(_StreamDataset):
     def __getitem__(self, i: int):
         j, s = divmod(int(i), self.samples)
         pos = T.evenly_spaced(self.positions(j), self.samples)[s]
-        crops = T.eval_crops(self.image(j, pos), self.crop_size, self.crops, self.is_flow)
+        crops = T.eval_crops(self.image(j, pos), self.crop_size, self.crops, self.negate)
         return torch.stack([T.to_chw(c) for c in crops]), j
 
 

@@ -1,31 +1,61 @@
-"""`python -m trainer fuse-eval`: score both streams with the test protocol, fuse, report.
+"""`python -m trainer fuse-eval`: score the streams with the test protocol, fuse, report.
 
-Per stream it needs the test part's scores, plus the training part's for the SVM and the
-validation part's to choose fusion weights (when none are given). Scores come from
+Per stream (fusion.streams, two or more) it needs the test part's scores, the validation
+part's (to choose the best fusion, and the weights when none are given) and the training
+part's for the methods fitted on it (trainer/fusion.py says which). Scores come from
 `trainer.evaluate.score_stream`, which also saves them as `{out}/<stream>/scores_<part>.npz`;
-with --reuse-scores existing files are read instead, so fusion can be re-run in seconds.
-Results go to `{out}/fusion/`: report.md, report.json, confusion.png, scores_<method>.npz.
+with --reuse-scores existing files are read instead (refused when they were computed from
+another checkpoint, split or protocol), so fusion can be re-run in seconds.
+
+Results go to `{out}/fusion/`: report.md, report.json, confusion.png, scores_<method>.npz, and
+fusion.pt + fusion.json: every fitted method's parameters, for predictions on new videos. The
+best fusion is the one with the best validation accuracy, never chosen on the test part.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import click
+import numpy as np
 
 from flowprep.store import StoreError
-from trainer.config import ConfigError, load_pipeline
-from trainer.fusion import FusionError, average, check_aligned, choose_weights, svm_fuse, weighted
-from trainer.report import build_report, render_table, write_report
+from trainer.fusion import METHODS, FusionError, check_streams
+from trainer.report import build_report, metrics, render_table, write_report
 from trainer.scores import Scores, load_scores, save_scores
-from trainer.splits import SplitError
-
-METHODS = ("average", "weighted", "svm")
-STREAMS = ("spatial", "temporal")
+from trainer.splits import SplitError, check_same_split
+from twostream.atomic import save_atomic, write_atomic
+from twostream.pipeline import load_pipeline, validate
+from twostream.schema import ConfigError
 
 
 def scores_path(cfg: dict, stream: str, part: str) -> Path:
     return Path(cfg["out"]) / stream / f"scores_{part}.npz"
+
+
+def _check_fresh(cfg: dict, scores: Scores, stream: str, part: str, path: Path) -> None:
+    """Refuse reused scores computed on another split or with another protocol than asked now."""
+    meta = scores.meta
+    if not meta:
+        return  # written by hand or by an older version: nothing recorded to compare
+    if "splits" in cfg.get("data", {}) and cfg["data"].get("splits"):
+        from trainer.splits import split_from_config, split_identity
+
+        check_same_split(meta.get("split"), split_identity(split_from_config(cfg), cfg), f"the scores in {path}")
+    ev = cfg.get("eval", {})
+    for key in ("segments", "crops"):
+        if key in ev and meta.get(key) not in (None, ev[key]):
+            raise FusionError(f"the scores in {path} were computed with eval.{key} = {meta[key]!r}, the pipeline now "
+                              f"says {ev[key]!r}; run fuse-eval without --reuse-scores to score {stream} again")
+    best = Path(cfg["out"]) / stream / "best.pt"
+    if best.is_file() and "checkpoint_epoch" in meta:
+        import torch
+
+        epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]
+        if epoch != meta["checkpoint_epoch"]:
+            raise FusionError(f"the scores in {path} come from epoch {meta['checkpoint_epoch'] + 1} of the {stream} "
+                              f"stream, but best.pt is now epoch {epoch + 1}; run fuse-eval without --reuse-scores")
 
 
 def get_scores(cfg: dict, stream: str, part: str, *, evaluate: bool = True, reuse_scores: bool = False) -> Scores:
@@ -33,7 +63,9 @@ def get_scores(cfg: dict, stream: str, part: str, *, evaluate: bool = True, reus
     or computed with the stream's best checkpoint (which writes the .npz)."""
     path = scores_path(cfg, stream, part)
     if (reuse_scores or not evaluate) and path.is_file():
-        return load_scores(path)
+        scores = load_scores(path)
+        _check_fresh(cfg, scores, stream, part, path)
+        return scores
     if not evaluate:
         raise FusionError(f"no {stream} scores for the {part} part at {path}; run fuse-eval without "
                           f"--reuse-scores so the {stream} stream's best checkpoint is evaluated")
@@ -43,82 +75,114 @@ def get_scores(cfg: dict, stream: str, part: str, *, evaluate: bool = True, reus
 
 
 def resolve_methods(cfg: dict, methods: Sequence[str] | None) -> list[str]:
-    chosen = list(methods) if methods else list(cfg.get("fusion", {}).get("methods", METHODS))
+    chosen = list(methods) if methods else list(cfg["fusion"]["methods"])
     bad = [m for m in chosen if m not in METHODS]
     if bad or not chosen:
         raise FusionError(f"fusion methods must be among {', '.join(METHODS)}; got {chosen}")
     return list(dict.fromkeys(chosen))  # keep order, drop repeats
 
 
+def _tensors(obj):
+    """Fitted parameters as torch tensors and primitives (torch.load(weights_only=True) reads them)."""
+    import torch
+
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, (list, tuple)):
+        return [_tensors(v) for v in obj]
+    return obj
+
+
+def _describe(obj):
+    if isinstance(obj, dict):
+        return {k: _describe(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return obj.round(6).tolist() if obj.size <= 64 else f"array {list(obj.shape)}"
+    return obj
+
+
 def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
               streams_scores: dict[str, dict[str, Scores]] | None = None,
               evaluate: bool = True, reuse_scores: bool = False) -> dict:
-    """Fuse the streams' scores with `methods` (default: cfg fusion.methods) and write the report.
+    """Fuse the streams' scores with `methods` (default: fusion.methods) and write the report.
 
     streams_scores: {stream: {part: Scores}} to use as given (tests, notebooks); parts not in
-    it are read or evaluated as in `get_scores`. Returns {"report", "paths", "table", "weights"}.
+    it are read or evaluated as in `get_scores`. Returns {"report", "paths", "table", "params"}.
     """
+    cfg = validate(cfg)
     methods = resolve_methods(cfg, methods)
-    fcfg = cfg.get("fusion", {})
-    given_weights = list(fcfg.get("weights", []) or [])
-    if given_weights and len(given_weights) != 2:
-        raise FusionError(f"fusion.weights must be [spatial, temporal] or empty, got {given_weights}")
-    parts = ["test"]
-    if "svm" in methods:
-        parts.append("train")
-    if "weighted" in methods and not given_weights:
-        parts.append("val")
+    settings = cfg["fusion"]
+    streams = list(settings["streams"])
+    if len(streams) < 2:
+        raise FusionError(f"fusion.streams must name at least two streams, got {streams}")
+    if settings["weights"] and len(settings["weights"]) != len(streams):
+        raise FusionError(f"fusion.weights gives {len(settings['weights'])} weights for the {len(streams)} streams "
+                          f"{streams}; give one per stream, or none to choose them on the validation part")
+    fit_parts = {m: METHODS[m].fits_on(settings) for m in methods}
+    wanted = ["test", *dict.fromkeys(p for ps in fit_parts.values() for p in ps)]
+    if "val" not in wanted and cfg["data"]["val_fraction"] > 0:
+        wanted.append("val")  # the best fusion is chosen on it
 
     given = streams_scores or {}
-    scores: dict[str, dict[str, Scores]] = {}
-    for stream in STREAMS:
-        scores[stream] = {}
-        for part in parts:
-            if part in given.get(stream, {}):
-                scores[stream][part] = given[stream][part]
-            else:
-                scores[stream][part] = get_scores(cfg, stream, part, evaluate=evaluate, reuse_scores=reuse_scores)
-    sp, te = scores["spatial"], scores["temporal"]
-    check_aligned(sp["test"], te["test"], "test spatial and temporal scores")
+    scores: dict[str, dict[str, Scores]] = {part: [] for part in wanted}
+    for part in wanted:
+        for stream in streams:
+            s = given.get(stream, {}).get(part)
+            if s is None and part == "val" and part not in {p for ps in fit_parts.values() for p in ps}:
+                # needed only to pick the best fusion: when told not to run the networks, use what is there
+                if (reuse_scores or not evaluate) and not scores_path(cfg, stream, part).is_file():
+                    scores.pop("val", None)
+                    break
+                s = get_scores(cfg, stream, part, evaluate=evaluate, reuse_scores=reuse_scores)
+            elif s is None:
+                s = get_scores(cfg, stream, part, evaluate=evaluate, reuse_scores=reuse_scores)
+            scores[part].append(s)
+        if part in scores:
+            check_streams(scores[part], f"{part} scores of {', '.join(streams)}")
+    test = scores["test"]
+    val = scores.get("val")
+    if val is not None and not len(val[0].video_ids):
+        val = None
 
-    results = {"spatial": sp["test"].scores, "temporal": te["test"].scores}
-    params: dict = {}
-    weights = None
+    results = {name: s.scores for name, s in zip(streams, test)}
+    params, val_acc = {}, {}
     for m in methods:
-        if m == "average":
-            results[m] = average(sp["test"], te["test"])
-        elif m == "weighted":
-            if given_weights:
-                weights, source = tuple(float(w) for w in given_weights), "given"
-            else:
-                weights = choose_weights(sp["val"], te["val"])
-                source = f"chosen on {len(sp['val'].video_ids)} validation videos"
-            results[m] = weighted(sp["test"], te["test"], weights)
-            params["weights"] = [round(w, 6) for w in weights]
-            params["weights_source"] = source
-        elif m == "svm":
-            c = float(fcfg.get("svm_c", 1.0))
-            results[m], _ = svm_fuse(sp["train"], te["train"], sp["test"], te["test"], C=c)
-            params["svm_c"] = c
-            params["svm_train_videos"] = len(sp["train"].video_ids)
-
-    test = sp["test"]
-    report = build_report(results, test.labels, test.class_names, test.video_ids, params)
+        method = METHODS[m]
+        params[m] = method.fit({p: scores[p] for p in fit_parts[m]}, settings, test)
+        results[m] = method.apply(params[m], test)
+        if val is not None:
+            val_acc[m] = metrics(method.apply(params[m], val), val[0].labels, len(val[0].class_names))["top1"]
+    best = max(methods, key=lambda m: (val_acc[m], -methods.index(m))) if val_acc else None
+    report_params = {m: _describe({k: v for k, v in p.items() if not isinstance(v, np.ndarray) or v.size <= 64})
+                     for m, p in params.items() if p}
+    t0 = test[0]
+    report = build_report(results, t0.labels, t0.class_names, t0.video_ids, report_params, streams=streams,
+                          best=best, val_accuracy=val_acc)
     out_dir = Path(cfg["out"]) / "fusion"
     paths = write_report(out_dir, report)
     for m in methods:
         paths[f"scores_{m}"] = save_scores(out_dir / f"scores_{m}.npz",
-                                           Scores(test.video_ids, test.labels, test.class_names, results[m]))
-    return {"report": report, "paths": paths, "table": render_table(report), "weights": weights}
+                                           Scores(t0.video_ids, t0.labels, t0.class_names, results[m],
+                                                  {"method": m, "streams": streams}))
+    fitted = {"streams": streams, "class_names": list(t0.class_names), "best": best, "methods": methods,
+              "params": params, "split": t0.meta.get("split")}
+    import torch
+
+    paths["fusion"] = save_atomic(out_dir / "fusion.pt", lambda p: torch.save(_tensors(fitted), p))
+    paths["fusion_json"] = write_atomic(out_dir / "fusion.json",
+                                        json.dumps(_describe(fitted), indent=1, sort_keys=True) + "\n")
+    return {"report": report, "paths": paths, "table": render_table(report), "params": params}
 
 
 def parse_weights(text: str) -> list[float]:
     try:
         w = [float(v) for v in text.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not two comma-separated numbers like 1,1.5", param_hint="--weights")
-    if len(w) != 2 or min(w) < 0 or sum(w) == 0:
-        raise click.BadParameter(f"{text!r}: need spatial,temporal weights, non-negative, not both 0",
+        raise click.BadParameter(f"{text!r} is not comma-separated numbers like 1,1.5", param_hint="--weights")
+    if len(w) < 2 or min(w) < 0 or sum(w) == 0:
+        raise click.BadParameter(f"{text!r}: need one weight per stream (at least two), non-negative, not all 0",
                                  param_hint="--weights")
     return w
 
@@ -126,26 +190,31 @@ def parse_weights(text: str) -> list[float]:
 @click.command("fuse-eval")
 @click.option("--pipeline", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Pipeline TOML file (pipelines/<name>.toml).")
-@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
+@click.option("--method", "methods", multiple=True, type=click.Choice(list(METHODS)),
               help="Fusion method; repeat for several. Default: fusion.methods of the pipeline.")
-@click.option("--weights", default=None, help="Weighted fusion's spatial,temporal weights, e.g. 1,1.5 "
+@click.option("--streams", default=None, help="Comma-separated streams to fuse (default: fusion.streams, "
+                                              "spatial,temporal).")
+@click.option("--weights", default=None, help="Weighted fusion's weights, one per stream, e.g. 1,1.5 "
                                               "(default: fusion.weights, or chosen on the validation part).")
 @click.option("--reuse-scores", is_flag=True, help="Read existing scores_<part>.npz instead of re-evaluating.")
 @click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a pipeline setting; repeatable.")
-def fuse_eval_command(pipeline: Path, methods: tuple[str, ...], weights: str | None, reuse_scores: bool,
-                      overrides: tuple[str, ...]) -> None:
-    """Evaluate both streams with the test protocol, fuse their scores and write {out}/fusion/report.*."""
+def fuse_eval_command(pipeline: Path, methods: tuple[str, ...], streams: str | None, weights: str | None,
+                      reuse_scores: bool, overrides: tuple[str, ...]) -> None:
+    """Evaluate the streams with the test protocol, fuse their scores and write {out}/fusion/report.*."""
+    extra = []
+    if streams is not None:
+        extra.append(f"fusion.streams={json.dumps([s.strip() for s in streams.split(',') if s.strip()])}")
+    if weights is not None:
+        extra.append(f"fusion.weights={json.dumps(parse_weights(weights))}")
     try:
-        cfg = load_pipeline(pipeline, overrides)
-        if weights is not None:
-            cfg.setdefault("fusion", {})["weights"] = parse_weights(weights)
+        cfg = load_pipeline(pipeline, [*overrides, *extra])
         result = fuse_eval(cfg, methods or None, reuse_scores=reuse_scores)
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
     except (FusionError, SplitError, StoreError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(result["table"])
-    for name in ("markdown", "json", "confusion"):
+    for name in ("markdown", "json", "confusion", "fusion"):
         if name in result["paths"]:
             click.echo(f"wrote {result['paths'][name]}")

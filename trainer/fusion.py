@@ -1,95 +1,111 @@
-"""Late fusion of the spatial and temporal streams' class scores (Simonyan & Zisserman 2014, sec. 6).
+"""Late fusion of two or more streams' class scores (Simonyan & Zisserman 2014, sec. 6).
 
-Three methods, each returning an N x C fused score matrix (argmax = prediction):
-* `average`: the two softmax score vectors averaged 1:1;
-* `weighted`: a weighted average, with weights given or chosen by `choose_weights` on the
-  validation part held out from the training split (never on the test set);
-* SVM: a one-vs-rest linear SVM (`svm_fit` / `svm_predict`) on the L2-normalised
-  concatenation of the two softmax vectors, trained on the training videos' scores only.
+A fusion method is one entry of METHODS: the parts of the split whose scores it is fitted on
+(never the test part), `fit(fitting scores, settings) -> params` and `apply(params, scores)
+-> N x C fused scores` (argmax = prediction). Params are plain numbers and arrays, saved with
+the report (fusion.pt), so predictions on new videos use exactly what the report measured.
+Scores are passed as one `Scores` per stream, in the order of fusion.streams.
+
+* `average`: the streams' softmax scores averaged with equal weights;
+* `weighted`: a weighted average, with weights given (fusion.weights) or chosen by
+  `choose_weights` on the validation part held out from the training split;
+* `svm`: a one-vs-rest linear SVM (`svm_fit` / `svm_predict`) on the L2-normalised
+  concatenation of the streams' softmax vectors, trained on the training videos' scores only.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from trainer.scores import Scores
 
-# Temporal:spatial ratios tried by `choose_weights` (spatial weight 1), plus temporal alone.
-DEFAULT_GRID: tuple[tuple[float, float], ...] = (
-    ((1.0, 0.0),) + tuple((1.0, r) for r in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)) + ((0.0, 1.0),))
+# Ratios tried by `choose_weights` for each stream after the first (whose weight is 1).
+RATIOS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 
 
 class FusionError(ValueError):
     """Score sets that cannot be fused together; the message says what differs."""
 
 
-def check_aligned(a: Scores, b: Scores, what: str = "spatial and temporal scores") -> None:
+def check_aligned(a: Scores, b: Scores, what: str = "the streams' scores") -> None:
     """Raise FusionError unless a and b cover the same videos in the same order with the same classes."""
     if list(a.class_names) != list(b.class_names):
         raise FusionError(f"{what} have different class lists ({len(a.class_names)} vs {len(b.class_names)} "
-                          f"classes); evaluate both streams on the same split and store")
+                          f"classes); evaluate every stream on the same split and store")
     if len(a.video_ids) != len(b.video_ids):
         raise FusionError(f"{what} cover different videos ({len(a.video_ids)} vs {len(b.video_ids)}); "
-                          f"re-evaluate both streams on the same part of the same split")
+                          f"re-evaluate every stream on the same part of the same split")
     for i, (va, vb) in enumerate(zip(a.video_ids, b.video_ids)):
         if va != vb:
             raise FusionError(f"{what} differ at row {i}: video {va!r} vs {vb!r}; "
-                              f"re-evaluate both streams on the same part of the same split")
+                              f"re-evaluate every stream on the same part of the same split")
     if not np.array_equal(a.labels, b.labels):
         i = int(np.flatnonzero(a.labels != b.labels)[0])
         raise FusionError(f"{what} disagree on the label of {a.video_ids[i]!r} ({a.labels[i]} vs {b.labels[i]})")
 
 
-def average(s_spatial: Scores, s_temporal: Scores) -> np.ndarray:
-    """1:1 average of the two streams' scores."""
-    return weighted(s_spatial, s_temporal, (1.0, 1.0))
+def check_streams(streams: Sequence[Scores], what: str = "the streams' scores") -> None:
+    if len(streams) < 2:
+        raise FusionError(f"fusion needs at least two streams, got {len(streams)}")
+    for s in streams[1:]:
+        check_aligned(streams[0], s, what)
 
 
-def weighted(s_spatial: Scores, s_temporal: Scores, weights: Sequence[float]) -> np.ndarray:
-    """(w_s * spatial + w_t * temporal) / (w_s + w_t); weights = (w_s, w_t), non-negative."""
-    check_aligned(s_spatial, s_temporal)
-    ws, wt = _check_weights(weights)
-    return ((ws * s_spatial.scores.astype(np.float64) + wt * s_temporal.scores.astype(np.float64))
-            / (ws + wt))
+def average(*streams: Scores) -> np.ndarray:
+    """Equal-weight average of the streams' scores."""
+    return weighted(streams, [1.0] * len(streams))
 
 
-def _check_weights(weights: Sequence[float]) -> tuple[float, float]:
+def weighted(streams: Sequence[Scores], weights: Sequence[float]) -> np.ndarray:
+    """sum_k w_k * scores_k / sum_k w_k; one non-negative weight per stream."""
+    check_streams(streams)
+    w = _check_weights(weights, len(streams))
+    return sum(wk * s.scores.astype(np.float64) for wk, s in zip(w, streams)) / sum(w)
+
+
+def _check_weights(weights: Sequence[float], n: int) -> list[float]:
     w = [float(v) for v in weights]
-    if len(w) != 2 or any(not math.isfinite(v) or v < 0 for v in w) or sum(w) == 0:
-        raise FusionError(f"fusion weights must be two non-negative numbers [spatial, temporal], not both 0; "
+    if len(w) != n or any(not math.isfinite(v) or v < 0 for v in w) or sum(w) == 0:
+        raise FusionError(f"fusion weights must be {n} non-negative numbers (one per stream), not all 0; "
                           f"got {list(weights)}")
-    return w[0], w[1]
+    return w
 
 
-def choose_weights(val_spatial: Scores, val_temporal: Scores, labels: np.ndarray | None = None,
-                   grid: Sequence[Sequence[float]] | None = None) -> tuple[float, float]:
-    """Pick (w_s, w_t) from `grid` maximising top-1 accuracy on the validation part.
+def weight_grid(n: int) -> list[tuple[float, ...]]:
+    """Candidates for `choose_weights`: the first stream at 1 and each other at a ratio of it,
+    plus each stream alone."""
+    grid = [(1.0, *r) for r in itertools.product(RATIOS, repeat=n - 1)]
+    alone = [tuple(1.0 if j == k else 0.0 for j in range(n)) for k in range(n)]
+    return alone[:1] + grid + alone[1:]
+
+
+def choose_weights(val: Sequence[Scores], grid: Sequence[Sequence[float]] | None = None) -> tuple[float, ...]:
+    """Pick one weight per stream from `grid` maximising top-1 accuracy on the validation part.
 
     Ties (common on small validation sets) go to the lower mean negative log-likelihood of the
-    true class, then to the ratio closest to 1:1, then to the earlier grid entry, so the choice
+    true class, then to the most even weights, then to the earlier grid entry, so the choice
     is deterministic. Only validation scores are read: the test set never influences it.
     """
-    check_aligned(val_spatial, val_temporal, "validation spatial and temporal scores")
-    labels = val_spatial.labels if labels is None else np.asarray(labels, np.int64)
-    if labels.shape != (len(val_spatial.video_ids),):
-        raise FusionError(f"{labels.shape[0]} labels for {len(val_spatial.video_ids)} validation videos")
+    check_streams(val, "validation scores")
+    labels = val[0].labels
     if len(labels) == 0:
         raise FusionError("the validation part is empty, so fusion weights cannot be chosen; "
                           "set data.val_fraction > 0 or give fusion.weights / --weights")
-    grid = DEFAULT_GRID if grid is None else grid
+    grid = weight_grid(len(val)) if grid is None else grid
     best_key, best = None, None
     for k, w in enumerate(grid):
-        ws, wt = _check_weights(w)
-        fused = weighted(val_spatial, val_temporal, (ws, wt))
+        w = _check_weights(w, len(val))
+        fused = weighted(val, w)
         acc = float(np.mean(np.argmax(fused, axis=1) == labels))
         nll = float(-np.mean(np.log(np.clip(fused[np.arange(len(labels)), labels], 1e-12, None))))
-        balance = abs(math.log((ws + 1e-9) / (wt + 1e-9)))
-        key = (-round(acc, 12), round(nll, 12), round(balance, 12), k)
+        spread = max(abs(math.log((a + 1e-9) / (b + 1e-9))) for a in w for b in w)
+        key = (-round(acc, 12), round(nll, 12), round(spread, 12), k)
         if best_key is None or key < best_key:
-            best_key, best = key, (ws, wt)
+            best_key, best = key, tuple(w)
     return best
 
 
@@ -103,10 +119,10 @@ class LinearSVM:
     C: float
 
 
-def svm_features(s_spatial: Scores, s_temporal: Scores) -> np.ndarray:
-    """L2-normalised concatenation [spatial softmax, temporal softmax] per video (N x 2C)."""
-    check_aligned(s_spatial, s_temporal)
-    x = np.concatenate([s_spatial.scores, s_temporal.scores], axis=1).astype(np.float64)
+def svm_features(*streams: Scores) -> np.ndarray:
+    """L2-normalised concatenation of the streams' softmax vectors per video (N x kC)."""
+    check_streams(streams)
+    x = np.concatenate([s.scores for s in streams], axis=1).astype(np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -174,21 +190,58 @@ def svm_predict(model: LinearSVM, features: np.ndarray) -> np.ndarray:
     return x @ model.weights.T + model.bias
 
 
-def svm_fuse(train_spatial: Scores, train_temporal: Scores, test_spatial: Scores, test_temporal: Scores,
-             C: float = 1.0) -> tuple[np.ndarray, LinearSVM]:
+def svm_fuse(train: Sequence[Scores], test: Sequence[Scores], C: float = 1.0) -> tuple[np.ndarray, LinearSVM]:
     """Fit the SVM on the training videos' scores and return (test decision values, model).
 
     Refuses training scores that share a video with the test scores, so the test set can
     never leak into the fusion.
     """
-    check_aligned(train_spatial, train_temporal, "training spatial and temporal scores")
-    check_aligned(test_spatial, test_temporal, "test spatial and temporal scores")
-    if list(train_spatial.class_names) != list(test_spatial.class_names):
+    model = _svm_train(train, test, C)
+    return svm_predict(model, svm_features(*test)), model
+
+
+def _svm_train(train: Sequence[Scores], test: Sequence[Scores], C: float) -> LinearSVM:
+    check_streams(train, "training scores")
+    check_streams(test, "test scores")
+    if list(train[0].class_names) != list(test[0].class_names):
         raise FusionError("training and test scores have different class lists; evaluate both parts on the same split")
-    overlap = sorted(set(train_spatial.video_ids) & set(test_spatial.video_ids))
+    overlap = sorted(set(train[0].video_ids) & set(test[0].video_ids))
     if overlap:
         raise FusionError(f"{len(overlap)} videos are in both the training and the test scores (e.g. {overlap[0]!r}); "
                           f"the SVM must be trained on training videos only")
-    model = svm_fit(svm_features(train_spatial, train_temporal), train_spatial.labels, C,
-                    num_classes=len(train_spatial.class_names))
-    return svm_predict(model, svm_features(test_spatial, test_temporal)), model
+    return svm_fit(svm_features(*train), train[0].labels, C, num_classes=len(train[0].class_names))
+
+
+# ---------------------------------------------------------------- the methods
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    doc: str
+    fits_on: Callable[[dict], tuple[str, ...]]  # settings -> parts of the split the fit reads
+    fit: Callable[[dict, dict, Sequence[Scores]], dict]  # (fitting scores by part, settings, test) -> params
+    apply: Callable[[dict, Sequence[Scores]], np.ndarray]
+
+
+def _fit_weighted(parts: dict, settings: dict, test: Sequence[Scores]) -> dict:
+    if settings.get("weights"):
+        return {"weights": _check_weights(settings["weights"], len(test)), "source": "given"}
+    return {"weights": list(choose_weights(parts["val"])),
+            "source": f"chosen on {len(parts['val'][0].video_ids)} validation videos"}
+
+
+def _fit_svm(parts: dict, settings: dict, test: Sequence[Scores]) -> dict:
+    m = _svm_train(parts["train"], test, float(settings.get("svm_c", 1.0)))
+    return {"weights": m.weights, "bias": m.bias, "C": m.C, "train_videos": len(parts["train"][0].video_ids)}
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("average", "equal-weight average of the softmax scores", lambda s: (), lambda parts, s, t: {},
+           lambda p, streams: average(*streams)),
+    Method("weighted", "weighted average; weights given or chosen on the validation part",
+           lambda s: () if s.get("weights") else ("val",), _fit_weighted,
+           lambda p, streams: weighted(streams, p["weights"])),
+    Method("svm", "linear SVM on the L2-normalised concatenated softmax scores (training part)",
+           lambda s: ("train",), _fit_svm,
+           lambda p, streams: svm_predict(LinearSVM(p["weights"], p["bias"], p["C"]), svm_features(*streams))),
+)}

@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
+
+from twostream.atomic import write_atomic
 
 DIGITS = 6
 
@@ -58,18 +58,17 @@ def confusion_matrix(scores: np.ndarray, labels: np.ndarray, num_classes: int) -
     return cm
 
 
-def stream_wins(acc_spatial: np.ndarray, acc_temporal: np.ndarray, class_names: Sequence[str],
-                k: int = 5) -> dict:
-    """Classes where each stream beats the other by the most (per-class accuracy difference)."""
-    diff = acc_spatial - acc_temporal
-    valid = [i for i in range(len(class_names)) if np.isfinite(diff[i])]
-    spatial = sorted((i for i in valid if diff[i] > 0), key=lambda i: (-diff[i], class_names[i]))[:k]
-    temporal = sorted((i for i in valid if diff[i] < 0), key=lambda i: (diff[i], class_names[i]))[:k]
-
-    def rows(idx: list[int]) -> list[dict]:
-        return [{"class": class_names[i], "spatial": _r(acc_spatial[i]), "temporal": _r(acc_temporal[i]),
-                 "difference": _r(abs(diff[i]))} for i in idx]
-    return {"spatial": rows(spatial), "temporal": rows(temporal)}
+def stream_wins(per_class: dict[str, np.ndarray], class_names: Sequence[str], k: int = 5) -> dict:
+    """For each stream, the classes where it beats the best of the other streams by the most."""
+    wins = {}
+    for name, acc in per_class.items():
+        others = np.nanmax(np.stack([a for n, a in per_class.items() if n != name]), axis=0)
+        diff = acc - others
+        idx = sorted((i for i in range(len(class_names)) if np.isfinite(diff[i]) and diff[i] > 0),
+                     key=lambda i: (-diff[i], class_names[i]))[:k]
+        wins[name] = [{"class": class_names[i], "accuracy": _r(acc[i]), "best_other": _r(others[i]),
+                       "difference": _r(diff[i])} for i in idx]
+    return wins
 
 
 def _r(x: float) -> float | None:
@@ -79,10 +78,12 @@ def _r(x: float) -> float | None:
 
 
 def build_report(results: dict[str, np.ndarray], labels: np.ndarray, class_names: Sequence[str],
-                 video_ids: Sequence[str] = (), params: dict | None = None, k_wins: int = 5) -> dict:
-    """A JSON-ready report. `results` maps method name -> N x C scores; it should hold 'spatial' and
-    'temporal' (for the wins section) and the fusion methods, in the order to print them. The best
-    fusion is the non-stream method with the highest top-1 (earlier one on ties)."""
+                 video_ids: Sequence[str] = (), params: dict | None = None, k_wins: int = 5,
+                 streams: Sequence[str] = ("spatial", "temporal"), best: str | None = None,
+                 val_accuracy: dict | None = None) -> dict:
+    """A JSON-ready report. `results` maps name -> N x C scores: the streams (named in `streams`)
+    then the fusion methods, in the order to print them. `best`: the fusion chosen (on the
+    validation part, by the caller); `val_accuracy`: each fusion's validation top-1."""
     labels = np.asarray(labels, np.int64)
     n_cls = len(class_names)
     rows, per_class = [], {}
@@ -90,21 +91,23 @@ def build_report(results: dict[str, np.ndarray], labels: np.ndarray, class_names
         if s.shape != (len(labels), n_cls):
             raise ValueError(f"scores of {name!r} are {s.shape}, expected ({len(labels)}, {n_cls})")
         m = metrics(s, labels, n_cls)
-        rows.append({"method": name, **{k: _r(v) for k, v in m.items()}})
+        row = {"method": name, "kind": "stream" if name in streams else "fusion", **{k: _r(v) for k, v in m.items()}}
+        if val_accuracy and name in val_accuracy:
+            row["val_top1"] = _r(val_accuracy[name])
+        rows.append(row)
         per_class[name] = per_class_accuracy(s, labels, n_cls)
-    fusions = [r for r in rows if r["method"] not in ("spatial", "temporal")]
-    best = None
-    for r in fusions:
-        if best is None or (r["top1"] or 0) > (best["top1"] or 0):
-            best = r
-    report = {"videos": len(labels), "classes": list(class_names), "methods": rows,
-              "best_fusion": best["method"] if best else None, "params": params or {},
+    fusions = [r["method"] for r in rows if r["kind"] == "fusion"]
+    shown = best if best is not None else (fusions[0] if fusions else None)
+    report = {"videos": len(labels), "classes": list(class_names), "streams": list(streams), "methods": rows,
+              "best_fusion": best, "best_chosen_on": "validation" if best else None, "params": params or {},
               "per_class_accuracy": {name: [_r(v) for v in acc] for name, acc in per_class.items()},
               "videos_per_class": [int(np.sum(labels == c)) for c in range(n_cls)]}
-    if "spatial" in per_class and "temporal" in per_class:
-        report["stream_wins"] = stream_wins(per_class["spatial"], per_class["temporal"], class_names, k_wins)
-    if best is not None:
-        report["confusion"] = confusion_matrix(results[best["method"]], labels, n_cls).tolist()
+    stream_acc = {n: per_class[n] for n in streams if n in per_class}
+    if len(stream_acc) >= 2:
+        report["stream_wins"] = stream_wins(stream_acc, class_names, k_wins)
+    if shown is not None:
+        report["confusion_of"] = shown
+        report["confusion"] = confusion_matrix(results[shown], labels, n_cls).tolist()
     if video_ids:
         report["video_ids_checksum"] = _checksum(video_ids)
     return report
@@ -120,25 +123,31 @@ def _pct(x: float | None) -> str:
 
 def render_markdown(report: dict) -> str:
     """The report as Markdown (accuracies in percent)."""
+    has_val = any("val_top1" in r for r in report["methods"])
     lines = ["# Two-stream fusion report", "",
-             f"{report['videos']} test videos, {len(report['classes'])} classes.", "",
-             "| method | top-1 % | top-5 % | mean class acc % |", "|---|---:|---:|---:|"]
+             f"{report['videos']} test videos, {len(report['classes'])} classes, streams "
+             f"{', '.join(report.get('streams', []))}.", "",
+             "| method | top-1 % | top-5 % | mean class acc % |" + (" val top-1 % |" if has_val else ""),
+             "|---|---:|---:|---:|" + ("---:|" if has_val else "")]
     for r in report["methods"]:
         name = f"**{r['method']}**" if r["method"] == report.get("best_fusion") else r["method"]
-        lines.append(f"| {name} | {_pct(r['top1'])} | {_pct(r['top5'])} | {_pct(r['mean_class_acc'])} |")
+        val = f" {_pct(r.get('val_top1'))} |" if has_val else ""
+        lines.append(f"| {name} | {_pct(r['top1'])} | {_pct(r['top5'])} | {_pct(r['mean_class_acc'])} |{val}")
+    if report.get("best_fusion"):
+        lines += ["", f"Best fusion (chosen on the validation part): **{report['best_fusion']}**."]
+    else:
+        lines += ["", "No validation part, so no fusion was chosen as the best (set data.val_fraction > 0)."]
     if report.get("params"):
         lines += ["", "Parameters: " + ", ".join(f"{k} = {json.dumps(v, sort_keys=True)}"
                                                  for k, v in sorted(report["params"].items()))]
-    if "stream_wins" in report:
-        for stream, other in (("spatial", "temporal"), ("temporal", "spatial")):
-            lines += ["", f"## Classes where the {stream} stream wins most", ""]
-            wins = report["stream_wins"][stream]
-            if not wins:
-                lines.append(f"(none: the {stream} stream is nowhere better than the {other} stream)")
-                continue
-            lines += [f"| class | {stream} % | {other} % | difference |", "|---|---:|---:|---:|"]
-            lines += [f"| {w['class']} | {_pct(w[stream])} | {_pct(w[other])} | {_pct(w['difference'])} |"
-                      for w in wins]
+    for stream, wins in report.get("stream_wins", {}).items():
+        lines += ["", f"## Classes where the {stream} stream wins most", ""]
+        if not wins:
+            lines.append(f"(none: the {stream} stream is nowhere better than every other stream)")
+            continue
+        lines += [f"| class | {stream} % | best other % | difference |", "|---|---:|---:|---:|"]
+        lines += [f"| {w['class']} | {_pct(w['accuracy'])} | {_pct(w['best_other'])} | {_pct(w['difference'])} |"
+                  for w in wins]
     pcs = report["per_class_accuracy"]
     names = list(pcs)
     lines += ["", "## Per-class accuracy %", "", "| class | videos | " + " | ".join(names) + " |",
@@ -150,21 +159,15 @@ def render_markdown(report: dict) -> str:
 
 def render_table(report: dict) -> str:
     """Short plain-text table for the terminal."""
+    has_val = any("val_top1" in r for r in report["methods"])
     width = max([len("method")] + [len(r["method"]) for r in report["methods"]])
-    out = [f"{'method':<{width}}  {'top-1':>7}  {'top-5':>7}  {'mean-cls':>8}"]
+    out = [f"{'method':<{width}}  {'top-1':>7}  {'top-5':>7}  {'mean-cls':>8}" + (f"  {'val top-1':>9}" if has_val else "")]
     for r in report["methods"]:
-        mark = "  <- best fusion" if r["method"] == report.get("best_fusion") else ""
+        mark = "  <- best fusion (validation)" if r["method"] == report.get("best_fusion") else ""
+        val = f"  {_pct(r.get('val_top1')) if r['kind'] == 'fusion' else '':>9}" if has_val else ""
         out.append(f"{r['method']:<{width}}  {_pct(r['top1']):>7}  {_pct(r['top5']):>7}  "
-                   f"{_pct(r['mean_class_acc']):>8}{mark}")
+                   f"{_pct(r['mean_class_acc']):>8}{val}{mark}")
     return "\n".join(out)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` under a temporary name, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp.{uuid.uuid4().hex}.{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- confusion matrix image
@@ -237,10 +240,10 @@ def write_report(out_dir: str | Path, report: dict, confusion_title: str = "") -
     """Write report.md, report.json and (when there is a best fusion) confusion.png into out_dir."""
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json"}
-    write_atomic(paths["markdown"], render_markdown(report).encode())
-    write_atomic(paths["json"], (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(paths["markdown"], render_markdown(report))
+    write_atomic(paths["json"], json.dumps(report, indent=1, sort_keys=True) + "\n")
     if report.get("confusion") is not None:
-        title = confusion_title or f"confusion: {report['best_fusion']} fusion (rows: true class, row-normalised)"
+        title = confusion_title or f"confusion: {report['confusion_of']} fusion (rows: true class, row-normalised)"
         ok, png = cv2.imencode(".png", draw_confusion(np.array(report["confusion"]), report["classes"], title))
         if not ok:
             raise RuntimeError("OpenCV could not encode the confusion matrix PNG")

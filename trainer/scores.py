@@ -1,17 +1,19 @@
-"""Per-video class scores of one stream on one part of a split, saved as .npz.
+"""Per-video class scores of one stream on one part of a split, saved as .npz: the seam between
+evaluation and fusion, so fusion can be re-run without the networks.
 
-The fusion step works from these files alone, so it can be re-run without the networks.
 File keys: video_ids (str), labels (int64), class_names (str), scores (float32, N x C, the
-softmax averaged over the test protocol's frames/stacks and crops).
+softmax averaged over the test protocol's frames/stacks and crops) and meta (a JSON string:
+what the scores were computed from, see trainer.evaluate.provenance).
 """
 from __future__ import annotations
 
-import os
-import uuid
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from twostream.atomic import save_atomic
 
 
 @dataclass
@@ -20,6 +22,7 @@ class Scores:
     labels: np.ndarray
     class_names: list[str]
     scores: np.ndarray
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -31,13 +34,10 @@ class Scores:
 
 
 def save_scores(path: str | Path, s: Scores) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp.{uuid.uuid4().hex}.npz")
-    np.savez(tmp, video_ids=np.array(s.video_ids, dtype=str), labels=s.labels,
-             class_names=np.array(s.class_names, dtype=str), scores=s.scores)
-    os.replace(tmp, path)
-    return path
+    return save_atomic(path, lambda tmp: np.savez(
+        tmp, video_ids=np.array(s.video_ids, dtype=str), labels=s.labels,
+        class_names=np.array(s.class_names, dtype=str), scores=s.scores,
+        meta=np.array(json.dumps(s.meta, sort_keys=True))))
 
 
 def load_scores(path: str | Path) -> Scores:
@@ -45,4 +45,6 @@ def load_scores(path: str | Path) -> Scores:
     if not path.is_file():
         raise FileNotFoundError(f"no scores at {path}; run `python -m trainer fuse-eval` (it evaluates the streams first)")
     with np.load(path, allow_pickle=False) as z:
-        return Scores([str(v) for v in z["video_ids"]], z["labels"], [str(c) for c in z["class_names"]], z["scores"])
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        return Scores([str(v) for v in z["video_ids"]], z["labels"], [str(c) for c in z["class_names"]], z["scores"],
+                      meta)

@@ -16,8 +16,9 @@ train and val; single videos otherwise. The choice is deterministic.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from flowprep.store import Store, StoreError, video_class
 FORMATS = ("ucf101", "hmdb51", "list")
 PARTS = ("train", "val", "test")
 GROUP = re.compile(r"_g(\d+)_c\d+$")
+log = logging.getLogger(__name__)
 
 
 class SplitError(ValueError):
@@ -199,22 +201,57 @@ def read_split(fmt: str, folder: str | Path, split: int = 1, val_fraction: float
     names, train, test = readers[fmt](folder, int(split))
     if not train.video_ids:
         raise SplitError(f"split {split} in {folder} lists no training videos")
+    empty = [n for k, n in enumerate(names) if k not in set(train.labels)]
+    if empty:
+        log.warning(f"warning: split {split} in {folder} has no training videos for {len(empty)} of "
+                    f"{len(names)} classes: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}; "
+                    "the model can never predict them")
     train, val = hold_out(train, val_fraction)
     return Split(names, train, val, test)
 
 
 def split_from_config(cfg: dict) -> Split:
     data = cfg.get("data", {})
-    if "splits" not in data:
+    if not data.get("splits"):
         raise SplitError("the pipeline has no data.splits (the split folder)")
     return read_split(data.get("split_format", "ucf101"), data["splits"], data.get("split", 1),
                       data.get("val_fraction", 0.1))
 
 
+def ids_checksum(video_ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(video_ids).encode()).hexdigest()[:16]
+
+
+def split_identity(split: Split, cfg: dict) -> dict:
+    """What a model was trained and scored on: split number, validation fraction and a checksum of
+    each part's videos, so scores or fusions made on another split are refused, not mixed."""
+    data = cfg.get("data", {})
+    return {"split_format": data.get("split_format", "ucf101"), "split": int(data.get("split", 1)),
+            "val_fraction": float(data.get("val_fraction", 0.1)),
+            **{f"{p}_ids": ids_checksum(split.part(p).video_ids) for p in PARTS}}
+
+
+def check_same_split(trained: dict | None, now: dict, what: str) -> None:
+    """Raise SplitError naming both when `now` differs from the split `what` was made with."""
+    if not trained or trained == now:
+        return
+    def show(d):
+        return f"split {d.get('split')} ({d.get('split_format')}), val_fraction {d.get('val_fraction')}"
+    same_settings = all(trained.get(k) == now.get(k) for k in ("split_format", "split", "val_fraction"))
+    detail = " (same settings, but the split files list other videos)" if same_settings else ""
+    raise SplitError(f"{what} was made with {show(trained)}; the pipeline now asks for {show(now)}{detail}. "
+                     "Scoring it on another split would mix its training videos into the test; use the same "
+                     "data.split / data.val_fraction / split files, or retrain")
+
+
+MODALITY_HELP = {"rgb": "RGB frames (extracted with --no-rgb: flow only; re-extract with --rgb)",
+                 "bflow": "backward flow (extract with --direction both)", "flow": "flow"}
+
+
 def check_videos(store: Store, part: Part, skip_missing: bool = False, what: str = "",
-                 need_rgb: bool = False) -> tuple[Part, list[tuple[int, int]]]:
-    """Check every video of `part` in the store before any training starts (`need_rgb`: the
-    spatial stream also needs the RGB frames that `flowprep extract --no-rgb` leaves out).
+                 reads: tuple[str, ...] = ("flow",)) -> tuple[Part, list[tuple[int, int]]]:
+    """Check every video of `part` in the store before any training starts: complete, and holding
+    the modalities the stream input `reads` (RGB frames, backward flow) that a store may lack.
 
     Returns the part (minus bad videos when `skip_missing`) and (frames, flows) per video;
     raises StoreError naming the missing or incomplete videos otherwise.
@@ -225,12 +262,13 @@ def check_videos(store: Store, part: Part, skip_missing: bool = False, what: str
             return reason, None
         try:
             with store.open(vid) as v:
-                if need_rgb and not v.has_rgb:
-                    return "extracted with --no-rgb (flow only); the spatial stream needs RGB frames", None
+                have = {"rgb": v.has_rgb, "flow": v.num_flows > 0, "bflow": v.num_bflows > 0}
+                lacking = [m for m in reads if not have[m]]
+                if lacking:
+                    return "no " + " and no ".join(MODALITY_HELP[m] for m in lacking), None
                 return None, (v.num_frames, v.num_flows)
         except (StoreError, OSError) as e:
             return str(e), None
-
     with ThreadPoolExecutor(16) as pool:  # stat/scandir-bound: threads overlap the file system waits
         results = list(pool.map(probe, part.video_ids))
     bad = [(vid, r) for vid, (r, _) in zip(part.video_ids, results) if r is not None]
@@ -241,8 +279,8 @@ def check_videos(store: Store, part: Part, skip_missing: bool = False, what: str
                          f"in the store {store.root}:\n{shown}{more}\nRun `flowprep extract` to (re)extract them, "
                          f"or pass --skip-missing (data.skip_missing=true) to train without them.")
     if bad:
-        print(f"warning: skipping {len(bad)} {what}videos missing or incomplete in {store.root}: "
-              + ", ".join(v for v, _ in bad[:10]) + (" ..." if len(bad) > 10 else ""), file=sys.stderr)
+        log.warning(f"warning: skipping {len(bad)} {what}videos missing or incomplete in {store.root}: "
+                    + ", ".join(v for v, _ in bad[:10]) + (" ..." if len(bad) > 10 else ""))
     keep = Part()
     counts = []
     for vid, lab, (reason, n) in zip(part.video_ids, part.labels, results):

@@ -1,10 +1,11 @@
-"""Frame sampling, crops, flips and normalisation for both streams.
+"""Frame sampling, crops and flips, for every stream input.
 
-Images are HxWxC uint8 numpy arrays: C = 3 for RGB, C = 2L for a flow stack ordered
-x1, y1, x2, y2, ... (quantized, 127.5 = no motion). Crops, resizes and flips stay on uint8
-in the loader workers (a crop is a view, and uint8 is a quarter of the bytes of float32 to
-collate, pin and copy); conversion to float and normalisation happen on the device, where
-they cost next to nothing (`normalize`).
+Images are HxWxC uint8 numpy arrays as a stream input loads them (trainer/streams.py): RGB
+frames, or flow stacks ordered x1, y1, x2, y2, ... (quantized, 127.5 = no motion). A mirror
+maps the channels the input names (`negate`, e.g. every flow-x channel) to 255 - q, the exact
+sign change in the quantized domain. Crops, resizes and flips stay on uint8 in the loader
+workers (a crop is a view, and uint8 is a quarter of float32's bytes to collate, pin and copy);
+conversion and normalisation happen on the device (`Input.to_network`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,6 @@ import numpy as np
 import torch
 
 SCALES = (1.0, 0.875, 0.75, 0.66)  # TSN multi-scale crop
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FLOW_CENTER = 127.5                 # quantized zero motion
-FLOW_SCALE = 255 * 0.226            # TSN flow std: values land in roughly the range of normalised RGB
 
 
 # ---------------------------------------------------------------- sampling
@@ -28,16 +25,6 @@ def evenly_spaced(n: int, k: int) -> np.ndarray:
     if k == 1:
         return np.array([(n - 1) // 2])
     return np.round(np.linspace(0, n - 1, k)).astype(np.int64)
-
-
-def stack_starts(num_flows: int, length: int, k: int) -> np.ndarray:
-    """k evenly spaced starts of L-flow stacks; a video shorter than L gets start 0 (see `stack_indices`)."""
-    return evenly_spaced(max(num_flows - length + 1, 1), k)
-
-
-def stack_indices(start: int, length: int, num_flows: int) -> list[int]:
-    """Flow indices of a stack; past the end of a short video the last flow repeats."""
-    return [min(start + j, num_flows - 1) for j in range(length)]
 
 
 def segment_index(n: int, segments: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -72,15 +59,16 @@ def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.reshape(h, w, -1)
 
 
-def flip(img: np.ndarray, is_flow: bool) -> np.ndarray:
-    """Mirror left-right. Flow x changes sign under a mirror: q -> 255 - q on channels 0, 2, 4, ..."""
+def flip(img: np.ndarray, negate: slice | None) -> np.ndarray:
+    """Mirror left-right; the `negate` channels (flow x: 0, 2, 4, ...) change sign: q -> 255 - q."""
     out = np.ascontiguousarray(img[:, ::-1])
-    if is_flow:
-        out[..., 0::2] = 255 - out[..., 0::2]
+    if negate is not None:
+        out[..., negate] = 255 - out[..., negate]
     return out
 
 
-def train_crop(img: np.ndarray, size: int, rng: np.random.Generator, is_flow: bool, box=None, do_flip=None) -> np.ndarray:
+def train_crop(img: np.ndarray, size: int, rng: np.random.Generator, negate: slice | None, box=None,
+               do_flip=None) -> np.ndarray:
     """Multi-scale corner crop resized to size x size, flipped with probability 1/2.
 
     Pass `box` and `do_flip` to apply the same choice to several images (TSN segments).
@@ -88,7 +76,7 @@ def train_crop(img: np.ndarray, size: int, rng: np.random.Generator, is_flow: bo
     y, x, ch, cw = box if box is not None else multiscale_crop_box(*img.shape[:2], rng)
     out = resize(img[y:y + ch, x:x + cw], (size, size))
     if do_flip if do_flip is not None else rng.random() < 0.5:
-        out = flip(out, is_flow)
+        out = flip(out, negate)
     return np.ascontiguousarray(out)
 
 
@@ -114,44 +102,24 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return img[y:y + size, x:x + size]
 
 
-def ten_crop(img: np.ndarray, size: int, is_flow: bool) -> list[np.ndarray]:
+def ten_crop(img: np.ndarray, size: int, negate: slice | None) -> list[np.ndarray]:
     """4 corners + center, then the same five mirrored (flow x inverted on the mirrored ones)."""
     h, w = img.shape[:2]
     boxes = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
     crops = [img[y:y + size, x:x + size] for y, x in boxes]
-    return [np.ascontiguousarray(c) for c in crops] + [flip(c, is_flow) for c in crops]
+    return [np.ascontiguousarray(c) for c in crops] + [flip(c, negate) for c in crops]
 
 
-def eval_crops(img: np.ndarray, size: int, crops: str, is_flow: bool) -> list[np.ndarray]:
+def eval_crops(img: np.ndarray, size: int, crops: str, negate: slice | None) -> list[np.ndarray]:
     """Resize the short side to `eval_scale(size)`, then one center crop or ten crops."""
     img = resize_short(img, eval_scale(size))
     if crops == "center":
         return [np.ascontiguousarray(center_crop(img, size))]
     if crops == "ten":
-        return ten_crop(img, size, is_flow)
+        return ten_crop(img, size, negate)
     raise ValueError(f"eval.crops must be 'center' or 'ten', got {crops!r}")
 
 
 def to_chw(img: np.ndarray) -> torch.Tensor:
     """HxWxC uint8 numpy -> CxHxW uint8 tensor (no copy beyond what the collate does)."""
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-
-
-# ---------------------------------------------------------------- on the device
-
-def normalize(x: torch.Tensor, stream: str, mean_subtraction: bool = False) -> torch.Tensor:
-    """uint8 NxCxHxW batch (already on the device) -> float, normalised for the backbone.
-
-    RGB: ImageNet mean/std. Flow: centred on zero motion and scaled like normalised RGB;
-    with `mean_subtraction` each flow field also loses its spatial mean (the paper's
-    camera-motion compensation).
-    """
-    x = x.float()
-    if stream == "spatial":
-        mean = x.new_tensor(IMAGENET_MEAN).mul_(255).view(1, 3, 1, 1)
-        std = x.new_tensor(IMAGENET_STD).mul_(255).view(1, 3, 1, 1)
-        return (x - mean) / std
-    x = (x - FLOW_CENTER) / FLOW_SCALE
-    if mean_subtraction:
-        x = x - x.mean(dim=(2, 3), keepdim=True)
-    return x

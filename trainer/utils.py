@@ -1,0 +1,70 @@
+"""Device and distributed helpers (as in torchvision's references/video_classification/utils.py)."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from twostream.schema import ConfigError
+
+
+def init_distributed(device_pref: str) -> tuple[int, int, int]:
+    """(rank, world, local_rank); joins the process group torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and not str(device_pref).startswith("cpu")
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, local
+
+
+def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    pref = str(pref)
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {pref!r} asked for but CUDA is not available here; use --device cpu")
+    if pref == "cuda":
+        return torch.device("cuda", local_rank)
+    try:
+        return torch.device(pref)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {pref!r} (use auto, cpu, cuda or cuda:N)") from e
+
+
+def setup_device(device: torch.device) -> None:
+    """Fast math where it does not cost accuracy that matters here (TF32 matmuls, cuDNN autotune)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def reduce_sum(values: list[float]) -> list[float]:
+    """Sum over processes (a no-op in a single process)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,1 @@
+"""Pieces shared by flowprep and trainer: configuration schemas, the pipeline file, atomic writes."""
