@@ -110,10 +110,20 @@ EVAL = Section("eval", {
 
 FUSION = Section("fusion", {
     "streams": Key(["spatial", "temporal"], "The streams to fuse, in order.", names),
-    "methods": Key(["average", "weighted", "svm"], "Fusion methods to compare (see trainer/fusion.py).", names),
+    "methods": Key(["average", "calibrated", "weighted", "svm", "learned", "feature", "attention"],
+                   "Fusion methods to compare (see trainer/fusion.py).", names),
     "weights": Key([], "Weighted fusion's weights, one per stream; empty = chosen on the validation part.",
                    number_list, min=0),
     "svm_c": Key(1.0, "Linear SVM fusion's C.", number, above=0),
+    "hidden": Key(128, "Hidden width of the learned, feature and attention fusion heads.", integer, min=1),
+    "dropout": Key(0.2, "Dropout in the fusion heads.", number, min=0, max=0.9),
+    "head_epochs": Key(300, "Full-batch training steps of a fusion head on the per-video scores / features.",
+                       integer, min=1),
+    "head_lr": Key(0.003, "Learning rate of the fusion heads (AdamW).", number, above=0),
+    "head_weight_decay": Key(0.01, "Weight decay of the fusion heads.", number, min=0),
+    "patience": Key(30, "Stop a head's training after this many steps without a better validation loss.",
+                    integer, min=1),
+    "seed": Key(0, "Seed of the fusion heads' initialisation.", integer, min=0),
 }, doc="Late fusion of the streams' scores.")
 
 

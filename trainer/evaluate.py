@@ -17,7 +17,7 @@ from flowprep.store import Store
 from trainer.checkpoint import load_best
 from trainer.config import resolve_stream, stream_settings
 from trainer.data import ProtocolDataset, make_loader
-from trainer.models import build_model
+from trainer.models import build_model, head
 from trainer.scores import Scores, save_scores
 from trainer.splits import PARTS, check_same_split, check_videos, split_from_config, split_identity
 from trainer.streams import get_input
@@ -30,20 +30,37 @@ from twostream.schema import ConfigError
 
 @torch.no_grad()
 def predict(model, loader, device, kind, length: int, mean_subtraction: bool, n_videos: int, n_classes: int,
-            show: bool = True, label: str = "test protocol") -> np.ndarray:
-    """Softmax averaged per video over every (sample, crop) the loader yields for it."""
+            show: bool = True, label: str = "test protocol", arch: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(softmax, pooled features) averaged per video over every (sample, crop) the loader yields
+    for it; features only when `arch` is given (they are the classifier's input)."""
     model.eval()
     # Sums stay on the device: no host sync per batch, so the GPU queue stays full.
     sums = torch.zeros(n_videos, n_classes, dtype=torch.float64, device=device)
+    feats = None
     counts = torch.zeros(n_videos, dtype=torch.float64, device=device)
-    with Progress(len(loader), label, unit="batches", show=show) as bar:
-        for x, j in loader:
-            j = j.to(device, non_blocking=True)
-            probs = image_logits(model, x, device, kind, length, mean_subtraction).softmax(-1).mean(1).double()
-            sums.index_add_(0, j, probs)
-            counts.index_add_(0, j, torch.ones_like(j, dtype=torch.float64))
-            bar.update(1)
-    return (sums / counts.clamp(min=1)[:, None]).cpu().numpy()
+    hook = None
+    if arch is not None:
+        seen = {}
+        hook = head(model, arch).register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+    try:
+        with Progress(len(loader), label, unit="batches", show=show) as bar:
+            for x, j in loader:
+                j = j.to(device, non_blocking=True)
+                b, k = x.shape[:2]
+                probs = image_logits(model, x, device, kind, length, mean_subtraction).softmax(-1).mean(1).double()
+                sums.index_add_(0, j, probs)
+                counts.index_add_(0, j, torch.ones_like(j, dtype=torch.float64))
+                if hook is not None:
+                    f = seen["x"].float().view(b, k, -1).mean(1).double()
+                    if feats is None:
+                        feats = torch.zeros(n_videos, f.shape[1], dtype=torch.float64, device=device)
+                    feats.index_add_(0, j, f)
+                bar.update(1)
+    finally:
+        if hook is not None:
+            hook.remove()
+    n = counts.clamp(min=1)[:, None]
+    return (sums / n).cpu().numpy(), (feats / n).cpu().numpy() if feats is not None else None
 
 
 def load_stream_model(ck: dict, device: torch.device) -> torch.nn.Module:
@@ -97,9 +114,9 @@ def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None 
     dataset = ProtocolDataset(store.root, videos.video_ids, videos.labels, counts, kind=kind, crop_size=crop,
                               flow_length=length, samples=int(ev["segments"]), crops=ev["crops"])
     loader = make_loader(dataset, range(len(dataset)), int(ev["batch_size"]), int(args["workers"]), dev)
-    probs = predict(model, loader, dev, kind, length, mean_subtraction, len(videos), len(ck["class_names"]), show,
-                    label=f"{name} {part} (test protocol)")
+    probs, feats = predict(model, loader, dev, kind, length, mean_subtraction, len(videos), len(ck["class_names"]),
+                           show, label=f"{name} {part} (test protocol)", arch=ck["arch"])
     scores = Scores(videos.video_ids, videos.labels, list(ck["class_names"]), probs,
-                    provenance(cfg, ck, part, split_id))
+                    provenance(cfg, ck, part, split_id), feats)
     save_scores(out / name / f"scores_{part}.npz", scores)
     return scores

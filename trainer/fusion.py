@@ -10,7 +10,13 @@ Scores are passed as one `Scores` per stream, in the order of fusion.streams.
 * `weighted`: a weighted average, with weights given (fusion.weights) or chosen by
   `choose_weights` on the validation part held out from the training split;
 * `svm`: a one-vs-rest linear SVM (`svm_fit` / `svm_predict`) on the L2-normalised
-  concatenation of the streams' softmax vectors, trained on the training videos' scores only.
+  concatenation of the streams' softmax vectors, trained on the training videos' scores only;
+* `calibrated`: each stream's scores calibrated (a temperature per stream, a bias per class,
+  fitted on the validation part), then averaged: averaging alone fails where a stream is
+  confidently wrong between classes it cannot tell apart;
+* `learned`, `feature`, `attention`: small networks (trainer/network.py) on the concatenated
+  log-scores, on the concatenated pooled features, or attention-weighted features, trained on
+  the training part's per-video scores / features with the validation part for early stopping.
 """
 from __future__ import annotations
 
@@ -230,6 +236,132 @@ def _fit_weighted(parts: dict, settings: dict, test: Sequence[Scores]) -> dict:
             "source": f"chosen on {len(parts['val'][0].video_ids)} validation videos"}
 
 
+def _inputs(streams: Sequence[Scores], need_features: bool):
+    import torch
+
+    logps = [torch.from_numpy(np.log(np.clip(s.scores.astype(np.float64), 1e-8, None))).float() for s in streams]
+    feats = None
+    if need_features:
+        missing = [i for i, s in enumerate(streams) if s.features is None]
+        if missing:
+            raise FusionError("feature-level fusion needs the streams' pooled features, which these score files lack "
+                              "(written by an older version?); run fuse-eval without --reuse-scores")
+        feats = [torch.from_numpy(s.features).float() for s in streams]
+    return logps, feats, torch.from_numpy(streams[0].labels)
+
+
+HEAD_DEFAULTS = dict(hidden=128, dropout=0.2, head_epochs=300, head_lr=0.003, head_weight_decay=0.01, patience=30,
+                     seed=0)
+
+
+def train_head(module, fit_inputs, val_inputs=None, settings: dict | None = None, loss=None) -> dict:
+    """Full-batch AdamW on (log-scores, features, labels); keeps the state with the best validation
+    loss (early stopping) when `val_inputs` are given. `loss(module, x, f, y)`: default the
+    cross-entropy of the fused output. Deterministic on the CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    s = {**HEAD_DEFAULTS, **(settings or {})}
+    x, f, y = fit_inputs
+    if hasattr(module, "prepare"):
+        module.prepare(x, f)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=float(s["head_lr"]),
+                            weight_decay=float(s["head_weight_decay"]))
+    best, best_nll, since, epoch = None, float("inf"), 0, 0
+    for epoch in range(int(s["head_epochs"])):
+        module.train()
+        opt.zero_grad()
+        value = F.cross_entropy(module(x, f), y) if loss is None else loss(module, x, f, y)
+        value.backward()
+        opt.step()
+        if val_inputs is None:
+            continue
+        module.eval()
+        with torch.no_grad():
+            nll = float(F.cross_entropy(module(val_inputs[0], val_inputs[1]), val_inputs[2]))
+        if nll < best_nll - 1e-6:
+            best, best_nll, since = {k: v.detach().clone() for k, v in module.state_dict().items()}, nll, 0
+        else:
+            since += 1
+            if since >= int(s["patience"]):
+                break
+    if best is not None:
+        module.load_state_dict(best)
+    module.eval()
+    return {"epochs": epoch + 1, "val_nll": None if val_inputs is None else round(best_nll, 6)}
+
+
+def _fit_head(kind: str):
+    """fit() of a fusion trained as a small network on per-video scores or features."""
+    def fit(parts: dict, settings: dict, test: Sequence[Scores]) -> dict:
+        import torch
+
+        from trainer.network import make_fusion
+
+        uses_features = kind in ("feature", "attention")
+        if kind == "calibrated":
+            if not parts.get("val") or not len(parts["val"][0].video_ids):
+                raise FusionError("calibrated fusion is fitted on the validation part, which is empty; set "
+                                  "data.val_fraction > 0 or drop 'calibrated' from fusion.methods")
+            fit_on, val = parts["val"], None
+        else:
+            fit_on, val = parts["train"], parts.get("val")
+            if val is not None and not len(val[0].video_ids):
+                val = None
+        inputs = _inputs(fit_on, uses_features)
+        dims = [t.shape[1] for t in inputs[1]] if inputs[1] is not None else []
+        kw = {"hidden": int(settings["hidden"]), "dropout": float(settings["dropout"])}
+        torch.manual_seed(int(settings["seed"]))
+        module = make_fusion(kind, len(test), len(test[0].class_names), dims, **kw)
+        if kind == "calibrated":
+            info = _fit_calibration(module, inputs)
+        else:
+            info = train_head(module, inputs, _inputs(val, uses_features) if val is not None else None, settings)
+        return {"module": {"kind": kind, "n": len(test), "num_classes": len(test[0].class_names), "dims": dims,
+                           "kw": kw},
+                "state": {k: v.numpy() for k, v in module.state_dict().items()},
+                "fitted_on": f"{len(fit_on[0].video_ids)} {'validation' if kind == 'calibrated' else 'training'} videos",
+                **info}
+    return fit
+
+
+CALIBRATION_BIAS_L2 = 1.0  # keeps per-class biases near 0 unless the validation part really asks for them
+
+
+def _fit_calibration(module, inputs) -> dict:
+    """Each stream calibrated on its own (its NLL on the validation part), not tuned for the
+    fused output, which overfits a small validation part. A small convex-like problem: L-BFGS
+    to convergence, deterministic."""
+    import torch
+    import torch.nn.functional as F
+
+    x, _, y = inputs
+    opt = torch.optim.LBFGS(module.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = sum(F.nll_loss(c, y) for c in module.calibrate(x)) / len(x)
+        loss = loss + CALIBRATION_BIAS_L2 * module.bias.square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    module.eval()
+    return {"temperature": [round(float(t), 4) for t in module.log_t.detach().exp()]}
+
+
+def _apply_head(params: dict, streams: Sequence[Scores]) -> np.ndarray:
+    import torch
+
+    from trainer.network import fusion_module
+
+    module = fusion_module(params["module"]["kind"], params, len(streams))
+    x, f, _ = _inputs(streams, params["module"]["kind"] in ("feature", "attention"))
+    with torch.no_grad():
+        return torch.softmax(module(x, f), -1).double().numpy()
+
+
 def _fit_svm(parts: dict, settings: dict, test: Sequence[Scores]) -> dict:
     m = _svm_train(parts["train"], test, float(settings.get("svm_c", 1.0)))
     return {"weights": m.weights, "bias": m.bias, "C": m.C, "train_videos": len(parts["train"][0].video_ids)}
@@ -244,4 +376,44 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("svm", "linear SVM on the L2-normalised concatenated softmax scores (training part)",
            lambda s: ("train",), _fit_svm,
            lambda p, streams: svm_predict(LinearSVM(p["weights"], p["bias"], p["C"]), svm_features(*streams))),
+    Method("calibrated", "average of the scores calibrated on the validation part (temperature, class bias)",
+           lambda s: ("val",), _fit_head("calibrated"), _apply_head),
+    Method("learned", "an MLP on the concatenated log-scores (training part, validation for early stopping)",
+           lambda s: ("train", "val"), _fit_head("learned"), _apply_head),
+    Method("feature", "an MLP on the concatenated pooled features (feature-level fusion)",
+           lambda s: ("train", "val"), _fit_head("feature"), _apply_head),
+    Method("attention", "per-video attention weights over the streams' pooled features",
+           lambda s: ("train", "val"), _fit_head("attention"), _apply_head),
 )}
+
+
+def _numpy(obj):
+    import torch
+
+    if isinstance(obj, dict):
+        return {k: _numpy(v) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, list):
+        return [_numpy(v) for v in obj]
+    return obj
+
+
+def load_fitted(path) -> dict:
+    """fusion.pt (written by fuse-eval) with its parameters back as numpy arrays."""
+    import torch
+
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FusionError(f"no fitted fusion at {path}; run `python -m trainer fuse-eval` first")
+    return _numpy(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def fuse(fitted: dict, method: str, streams: Sequence[Scores]) -> np.ndarray:
+    """Apply a fitted method (from fusion.pt) to new scores, exactly as the report measured it."""
+    if method not in fitted["params"]:
+        raise FusionError(f"fusion {method!r} was not fitted; fitted: {', '.join(fitted['params'])}")
+    check_streams(streams)
+    return METHODS[method].apply(fitted["params"][method], streams)

@@ -2,8 +2,9 @@
 evaluation and fusion, so fusion can be re-run without the networks.
 
 File keys: video_ids (str), labels (int64), class_names (str), scores (float32, N x C, the
-softmax averaged over the test protocol's frames/stacks and crops) and meta (a JSON string:
-what the scores were computed from, see trainer.evaluate.provenance).
+softmax averaged over the test protocol's frames/stacks and crops), features (float16, N x D,
+the backbone's pooled features averaged the same way, for feature-level fusion; optional) and
+meta (a JSON string: what the scores were computed from, see trainer.evaluate.provenance).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Scores:
     class_names: list[str]
     scores: np.ndarray
     meta: dict = field(default_factory=dict)
+    features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -31,13 +33,18 @@ class Scores:
         if self.labels.shape != (n,) or self.scores.shape != (n, c):
             raise ValueError(f"scores for {n} videos and {c} classes need labels ({n},) and scores ({n}, {c}); "
                              f"got {self.labels.shape} and {self.scores.shape}")
+        if self.features is not None:
+            self.features = np.asarray(self.features, dtype=np.float32)
+            if self.features.ndim != 2 or self.features.shape[0] != n:
+                raise ValueError(f"features for {n} videos must be N x D, got {self.features.shape}")
 
 
 def save_scores(path: str | Path, s: Scores) -> Path:
+    extra = {} if s.features is None else {"features": s.features.astype(np.float16)}
     return save_atomic(path, lambda tmp: np.savez(
         tmp, video_ids=np.array(s.video_ids, dtype=str), labels=s.labels,
         class_names=np.array(s.class_names, dtype=str), scores=s.scores,
-        meta=np.array(json.dumps(s.meta, sort_keys=True))))
+        meta=np.array(json.dumps(s.meta, sort_keys=True)), **extra))
 
 
 def load_scores(path: str | Path) -> Scores:
@@ -46,5 +53,6 @@ def load_scores(path: str | Path) -> Scores:
         raise FileNotFoundError(f"no scores at {path}; run `python -m trainer fuse-eval` (it evaluates the streams first)")
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        features = z["features"].astype(np.float32) if "features" in z.files else None
         return Scores([str(v) for v in z["video_ids"]], z["labels"], [str(c) for c in z["class_names"]], z["scores"],
-                      meta)
+                      meta, features)
