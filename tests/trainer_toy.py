@@ -42,18 +42,19 @@ def toy_video(rng: np.random.Generator, up: bool, frames: int, size=(40, 48), sq
 
 
 def make_toy(root: Path, fmt: str = "jpeg", train_per_class: int = 16, test_per_class: int = 8, frames: int = 8,
-             seed: int = 0, **kw) -> tuple[Path, Path]:
-    """Write a store and a `list` split (train.txt / test.txt) under root; returns (store, splits)."""
+             seed: int = 0, classes: tuple[str, str] = CLASSES, **kw) -> tuple[Path, Path]:
+    """Write a store and a `list` split (train.txt / test.txt) under root; returns (store, splits).
+    `classes`: the names of the (down, up) classes."""
     store, splits = root / "store", root / "splits"
     write_store_info(store, {"format": fmt, "bound": 20.0})
     splits.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = {"train": [], "test": []}
     for part, n in (("train", train_per_class), ("test", test_per_class)):
-        for label, cls in enumerate(CLASSES):
+        for label, cls in enumerate(classes):
             for i in range(n):
                 vid = f"{cls}/v_{cls}_{part}{i:03d}"
-                imgs, flows = toy_video(rng, cls == "up", frames, **kw)
+                imgs, flows = toy_video(rng, label == 1, frames, **kw)
                 with open_writer(fmt, store, vid) as w:
                     for im in imgs:
                         w.write_rgb(im)

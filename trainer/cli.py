@@ -136,6 +136,35 @@ def show_config(pipeline, overrides):
     click.echo(json.dumps(shown, indent=1, default=list))
 
 
+@main.command("train-fusion", context_settings=CONTEXT)
+@click.option("--pipeline", required=True, type=click.Path(dir_okay=False), help="Pipeline file.")
+@click.option("--fusion", "method", required=True, help="calibrated, weighted, learned, feature or attention "
+              "(heads only: also average, svm).")
+@click.option("--joint", is_flag=True, help="Fine-tune the streams and the fusion end to end under the fused loss "
+              "([joint] settings), instead of fitting the fusion on the frozen streams' scores.")
+@click.option("--reuse-scores", is_flag=True, help="Heads only: read existing score files instead of re-scoring.")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+def train_fusion_cmd(pipeline, method, joint, reuse_scores, overrides):
+    """Train one fusion: heads only (on the streams' cached per-video scores and features), or --joint."""
+    try:
+        cfg = load_pipeline(pipeline, overrides)
+        if joint:
+            from trainer.train_fusion import train_joint
+
+            summary = train_joint(cfg, method)
+            click.echo(f"joint {method}: best val accuracy {summary['best_acc']:.4f}; checkpoints in {summary['out']}")
+        else:
+            from trainer.fuse_eval import fuse_eval
+
+            result = fuse_eval(cfg, [method], reuse_scores=reuse_scores)
+            click.echo(result["table"])
+            click.echo(f"wrote {result['paths']['fusion']}")
+    except (*errors(), OSError) as e:
+        raise _fail(e) from e
+    except ValueError as e:  # FusionError and unknown fusion names
+        raise click.ClickException(str(e)) from e
+
+
 main.add_command(fuse_eval_command)
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from twostream.schema import (ConfigError, Invalid, Key, Section, boolean, int_list, integer, names, number, number_list)
 from trainer.streams import DEFAULT_STREAMS, INPUTS, check_length, get_input
 
-__all__ = ["ConfigError", "DATA", "TRAIN", "STREAM", "EVAL", "FUSION", "stream_settings", "stream_names"]
+__all__ = ["ConfigError", "DATA", "DATASET", "TRAIN", "JOINT", "STREAM", "EVAL", "FUSION", "stream_settings",
+           "stream_names"]
 
 SPLIT_FORMATS = ("ucf101", "hmdb51", "list")
 # --stream rgb|flow, as MMAction2 users name the two streams.
@@ -31,6 +32,10 @@ DATA = Section("data", {
     "skip_missing": Key(False, "Leave out videos missing or incomplete in the store (with a warning) instead of "
                         "stopping.", boolean),
 }, doc="Where the videos, the store and the split files are.")
+
+
+DATASET = Section("datasets.NAME", {k: v for k, v in DATA.keys.items() if k != "videos"},
+                  doc="One dataset of a multi-task stream: its store and split files, as in [data].")
 
 
 def _resume(v):
@@ -84,8 +89,15 @@ TRAIN_KEYS = {
     "resume": Key(False, "Continue from <out>/<stream>/last.pt (true) or from the checkpoint at this path.",
                   _resume, flags=None),
     "print_freq": Key(10, "Steps between status updates.", integer, min=1, flags=None),
+    "datasets": Key([], "Multi-task training (paper sec. 4.1): the [datasets.NAME] to train on at once, one "
+                    "softmax head each, each video's loss on its own head; empty = the [data] dataset.", names,
+                    flags=None),
 }
 TRAIN = Section("train", TRAIN_KEYS, _check_train, "Training settings shared by every stream.")
+
+
+JOINT = Section("joint", TRAIN_KEYS, _check_train, "train-fusion --joint: [train] keys it sets differently "
+                "(a small lr: the streams are trained already).")
 
 
 def _check_stream(v: dict) -> None:
@@ -110,6 +122,8 @@ EVAL = Section("eval", {
 
 FUSION = Section("fusion", {
     "streams": Key(["spatial", "temporal"], "The streams to fuse, in order.", names),
+    "dataset": Key("", "With multi-task streams: the [datasets.NAME] to fuse on (each such stream is scored "
+                   "with that dataset's head; the others must be trained on its split).", flags=("--dataset",)),
     "methods": Key(["average", "calibrated", "weighted", "svm", "learned", "feature", "attention"],
                    "Fusion methods to compare (see trainer/fusion.py).", names),
     "weights": Key([], "Weighted fusion's weights, one per stream; empty = chosen on the validation part.",
@@ -149,4 +163,9 @@ def stream_settings(cfg: dict, name: str) -> dict:
     own = dict(cfg.get("streams", {}).get(name, {}))
     own.setdefault("input", DEFAULT_STREAMS.get(name, "rgb"))
     values = {**TRAIN.validate(cfg.get("train", {}), cfg.get("_path", "")), **own}
-    return {"name": name, **STREAM.validate(values, cfg.get("_path", ""))}
+    settings = {"name": name, **STREAM.validate(values, cfg.get("_path", ""))}
+    unknown = [d for d in settings["datasets"] if d not in cfg.get("datasets", {})]
+    if unknown:
+        raise ConfigError(f"streams.{name}.datasets names {', '.join(unknown)}, but the pipeline defines no "
+                          f"[datasets.{unknown[0]}] section (with store and splits)")
+    return settings

@@ -31,35 +31,39 @@ class StoreVideos:
     """Lazily opened readers, one cache per process: opened on first use inside each worker,
     never pickled across the fork (HDF5 handles must not be shared between processes)."""
 
-    def __init__(self, root: str | Path):
-        self.root = str(root)
-        self._store: Store | None = None
-        self._open: OrderedDict[str, VideoReader] = OrderedDict()
+    def __init__(self):
+        self._stores: dict[str, Store] = {}
+        self._open: OrderedDict[tuple[str, str], VideoReader] = OrderedDict()
 
     def __getstate__(self):
-        return {"root": self.root}
+        return {}
 
     def __setstate__(self, state):
-        self.__init__(state["root"])
+        self.__init__()
 
-    def get(self, video_id: str) -> VideoReader:
-        if video_id in self._open:
-            self._open.move_to_end(video_id)
-            return self._open[video_id]
-        if self._store is None:
-            self._store = Store(self.root)
-        reader = self._store.open(video_id)
-        self._open[video_id] = reader
+    def get(self, root: str, video_id: str) -> VideoReader:
+        key = (root, video_id)
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        if root not in self._stores:
+            self._stores[root] = Store(root)
+        reader = self._stores[root].open(video_id)
+        self._open[key] = reader
         if len(self._open) > MAX_OPEN:
             self._open.popitem(last=False)[1].close()
         return reader
 
 
 class _StreamDataset(Dataset):
-    def __init__(self, store_root: str | Path, video_ids: list[str], labels: list[int],
+    """`store_root`: one store, or one per video (multi-task training over several datasets)."""
+
+    def __init__(self, store_root: str | Path | list, video_ids: list[str], labels: list[int],
                  counts: list[tuple[int, int]], kind: Input, crop_size: int, flow_length: int = 10):
-        self.videos = StoreVideos(store_root)
+        self.videos = StoreVideos()
         self.video_ids, self.labels, self.counts = list(video_ids), list(labels), list(counts)
+        roots = store_root if isinstance(store_root, (list, tuple)) else [store_root] * len(self.video_ids)
+        self.roots = [str(r) for r in roots]
         self.kind, self.crop_size, self.flow_length = kind, int(crop_size), int(flow_length)
         self.negate = kind.negate_on_flip(self.flow_length)
 
@@ -70,7 +74,7 @@ class _StreamDataset(Dataset):
 
     def image(self, j: int, pos: int) -> np.ndarray:
         """HxWxC uint8: the stream input's sample of video j starting at `pos`."""
-        reader = self.videos.get(self.video_ids[j])
+        reader = self.videos.get(self.roots[j], self.video_ids[j])
         try:
             return self.kind.load(reader, int(pos), self.flow_length)
         except StoreError as e:  # name the video: a stored frame went bad after the check at start
@@ -124,6 +128,54 @@ class ProtocolDataset(_StreamDataset):
         pos = T.evenly_spaced(self.positions(j), self.samples)[s]
         crops = T.eval_crops(self.image(j, pos), self.crop_size, self.crops, self.negate)
         return torch.stack([T.to_chw(c) for c in crops]), j
+
+
+class JointDataset(Dataset):
+    """Aligned samples of several streams of the same videos, for training and scoring a
+    TwoStreamNetwork end to end: each segment picks one moment of the video (a fraction of its
+    frames, mapped onto each stream's own sample positions), and all streams share one crop
+    box and one flip, so their features describe the same place at the same time.
+
+    train=True: key (epoch, j) -> ([stream][K, C_k, S, S], label). train=False with `samples`:
+    item (j, s) of the test protocol -> ([stream][crops, C_k, S, S], j).
+    """
+
+    def __init__(self, streams: list[_StreamDataset], train: bool = True, segments: int = 1, seed: int = 0,
+                 samples: int = 0, crops: str = "center"):
+        self.streams, self.train, self.segments, self.seed = streams, train, int(segments), int(seed)
+        self.samples, self.crops = int(samples), crops
+        self.base = streams[0]
+
+    def __len__(self) -> int:
+        n = len(self.base.video_ids)
+        return n * self.samples if self.samples else n
+
+    def _images(self, j: int, frame: int) -> list[np.ndarray]:
+        frames = max(self.base.counts[j][0], 1)
+        u = frame / max(frames - 1, 1)
+        return [s.image(j, round(u * (s.positions(j) - 1))) for s in self.streams]
+
+    def __getitem__(self, key):
+        if self.samples:  # the test protocol: 25 evenly spaced moments, centre or ten crops
+            j, k = divmod(int(key), self.samples)
+            frame = T.evenly_spaced(max(self.base.counts[j][0], 1), self.samples)[k]
+            images = self._images(j, frame)
+            return [torch.stack([T.to_chw(c) for c in T.eval_crops(im, s.crop_size, self.crops, s.negate)])
+                    for s, im in zip(self.streams, images)], j
+        epoch, j = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, j]) if self.train else None
+        moments = T.segment_index(max(self.base.counts[j][0], 1), self.segments, rng)
+        per_moment = [self._images(j, m) for m in moments]
+        out = [[] for _ in self.streams]
+        if self.train:
+            box = T.multiscale_crop_box(*per_moment[0][0].shape[:2], rng)
+            do_flip = rng.random() < 0.5
+        for images in per_moment:
+            for k, (s, im) in enumerate(zip(self.streams, images)):
+                crop = (T.train_crop(im, s.crop_size, rng, s.negate, box, do_flip) if self.train
+                        else T.eval_crops(im, s.crop_size, "center", s.negate)[0])
+                out[k].append(T.to_chw(crop))
+        return [torch.stack(x) for x in out], self.base.labels[j]
 
 
 class EpochSampler(Sampler):
@@ -205,17 +257,23 @@ class DevicePrefetcher:
         side = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
 
+        def to(t):
+            return [to(x) for x in t] if isinstance(t, (list, tuple)) else t.to(self.device, non_blocking=True)
+
+        def record(t):
+            for x in t if isinstance(t, (list, tuple)) else [t]:
+                record(x) if isinstance(x, (list, tuple)) else x.record_stream(compute)
+
         def copy(batch):
             if batch is None:
                 return None
             with torch.cuda.stream(side):
-                return [t.to(self.device, non_blocking=True) for t in batch]
+                return to(batch)
 
         it = iter(self.loader)
         ready = copy(next(it, None))
         while ready is not None:
             compute.wait_stream(side)  # this batch's copy (queued before) is done before use
-            for t in ready:
-                t.record_stream(compute)  # memory allocated on `side`, used on `compute`
+            record(ready)  # memory allocated on `side`, used on `compute`
             batch, ready = ready, copy(next(it, None))
             yield batch

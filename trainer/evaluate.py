@@ -30,9 +30,11 @@ from twostream.schema import ConfigError
 
 @torch.no_grad()
 def predict(model, loader, device, kind, length: int, mean_subtraction: bool, n_videos: int, n_classes: int,
-            show: bool = True, label: str = "test protocol", arch: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+            show: bool = True, label: str = "test protocol", arch: str | None = None,
+            classes: slice = slice(None)) -> tuple[np.ndarray, np.ndarray | None]:
     """(softmax, pooled features) averaged per video over every (sample, crop) the loader yields
-    for it; features only when `arch` is given (they are the classifier's input)."""
+    for it; features only when `arch` is given (they are the classifier's input). `classes`:
+    the head to read (a multi-task network's dataset), the softmax taken over it alone."""
     model.eval()
     # Sums stay on the device: no host sync per batch, so the GPU queue stays full.
     sums = torch.zeros(n_videos, n_classes, dtype=torch.float64, device=device)
@@ -47,7 +49,8 @@ def predict(model, loader, device, kind, length: int, mean_subtraction: bool, n_
             for x, j in loader:
                 j = j.to(device, non_blocking=True)
                 b, k = x.shape[:2]
-                probs = image_logits(model, x, device, kind, length, mean_subtraction).softmax(-1).mean(1).double()
+                logits = image_logits(model, x, device, kind, length, mean_subtraction)[..., classes]
+                probs = logits.softmax(-1).mean(1).double()
                 sums.index_add_(0, j, probs)
                 counts.index_add_(0, j, torch.ones_like(j, dtype=torch.float64))
                 if hook is not None:
@@ -79,13 +82,20 @@ def provenance(cfg: dict, ck: dict, part: str, split_id: dict) -> dict:
             "split": split_id, "segments": ev["segments"], "crops": ev["crops"], "store": str(cfg["data"]["store"])}
 
 
-def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None = None, show: bool = True) -> Scores:
+def scores_file(stream_dir: Path, part: str, dataset: str = "") -> Path:
+    """scores_<part>.npz, or scores_<dataset>_<part>.npz for one dataset of a multi-task stream."""
+    return stream_dir / (f"scores_{dataset}_{part}.npz" if dataset else f"scores_{part}.npz")
+
+
+def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None = None, show: bool = True,
+                 dataset: str | None = None) -> Scores:
     """Score every video of `part` (test | train | val) with {out}/<stream>/best.pt; writes scores_<part>.npz.
 
     Input, crop size, flow length and mean subtraction come from the checkpoint (what the model
     was trained with); segments, crops and batch size from [eval]. Scoring on another split than
     the model was trained with is an error naming both; videos missing from the store are an
-    error, or left out with a warning when data.skip_missing is set.
+    error, or left out with a warning when data.skip_missing is set. A multi-task stream is
+    scored on one of its datasets (`dataset`), with that dataset's head.
     """
     if part not in PARTS:
         raise ConfigError(f"part must be one of {PARTS}, got {part!r}")
@@ -101,22 +111,33 @@ def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None 
     ev = cfg["eval"]
     dev = pick_device(device or args["device"])
 
-    split = split_from_config(cfg)
-    if list(split.class_names) != list(ck["class_names"]):
-        raise ConfigError(f"the split's {len(split.class_names)} classes differ from the {len(ck['class_names'])} "
+    tasks = ck.get("tasks") or [{"name": "", "offset": 0, "classes": ck["class_names"], "split": ck.get("split")}]
+    if len(tasks) > 1:
+        known = [t["name"] for t in tasks]
+        if dataset not in known:
+            raise ConfigError(f"the {name} stream was trained on several datasets ({', '.join(known)}); say which to "
+                              f"score with --dataset (fusion.dataset)")
+        task = tasks[known.index(dataset)]
+        data = cfg["datasets"][dataset]
+    else:
+        task, data, dataset = tasks[0], cfg["data"], ""
+    split = split_from_config({"data": data})
+    if list(split.class_names) != list(task["classes"]):
+        raise ConfigError(f"the split's {len(split.class_names)} classes differ from the {len(task['classes'])} "
                           f"the {name} model in {out / name} was trained on; check data.splits / data.split")
-    split_id = split_identity(split, cfg)
-    check_same_split(ck.get("split"), split_id, f"the {name} model in {out / name}")
-    store = Store(cfg["data"]["store"])
-    videos, counts = check_videos(store, split.part(part), cfg["data"]["skip_missing"], f"{part} ", kind.reads)
+    split_id = split_identity(split, {"data": data})
+    check_same_split(task.get("split"), split_id, f"the {name} model in {out / name}")
+    store = Store(data["store"])
+    videos, counts = check_videos(store, split.part(part), data["skip_missing"], f"{part} ", kind.reads)
+    head_classes = slice(task["offset"], task["offset"] + len(task["classes"]))
 
     model = load_stream_model(ck, dev)
-    dataset = ProtocolDataset(store.root, videos.video_ids, videos.labels, counts, kind=kind, crop_size=crop,
+    samples = ProtocolDataset(store.root, videos.video_ids, videos.labels, counts, kind=kind, crop_size=crop,
                               flow_length=length, samples=int(ev["segments"]), crops=ev["crops"])
-    loader = make_loader(dataset, range(len(dataset)), int(ev["batch_size"]), int(args["workers"]), dev)
-    probs, feats = predict(model, loader, dev, kind, length, mean_subtraction, len(videos), len(ck["class_names"]),
-                           show, label=f"{name} {part} (test protocol)", arch=ck["arch"])
-    scores = Scores(videos.video_ids, videos.labels, list(ck["class_names"]), probs,
-                    provenance(cfg, ck, part, split_id), feats)
-    save_scores(out / name / f"scores_{part}.npz", scores)
+    loader = make_loader(samples, range(len(samples)), int(ev["batch_size"]), int(args["workers"]), dev)
+    probs, feats = predict(model, loader, dev, kind, length, mean_subtraction, len(videos), len(task["classes"]),
+                           show, label=f"{name} {part} (test protocol)", arch=ck["arch"], classes=head_classes)
+    meta = {**provenance(cfg, ck, part, split_id), "dataset": dataset, "store": str(data["store"])}
+    scores = Scores(videos.video_ids, videos.labels, list(task["classes"]), probs, meta, feats)
+    save_scores(scores_file(out / name, part, dataset), scores)
     return scores

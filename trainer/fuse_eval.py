@@ -30,8 +30,24 @@ from twostream.pipeline import load_pipeline, validate
 from twostream.schema import ConfigError
 
 
+def _dataset(cfg: dict, stream: str) -> str:
+    """The dataset whose head a multi-task stream is scored with (fusion.dataset), else ""."""
+    from trainer.config import stream_settings
+
+    if not cfg["fusion"].get("dataset") or stream not in cfg.get("streams", {}):
+        return ""
+    return cfg["fusion"]["dataset"] if stream_settings(cfg, stream)["datasets"] else ""
+
+
 def scores_path(cfg: dict, stream: str, part: str) -> Path:
-    return Path(cfg["out"]) / stream / f"scores_{part}.npz"
+    ds = _dataset(cfg, stream)
+    return Path(cfg["out"]) / stream / (f"scores_{ds}_{part}.npz" if ds else f"scores_{part}.npz")
+
+
+def _data_cfg(cfg: dict) -> dict:
+    """The pipeline as seen by the fused dataset: fusion.dataset's [datasets.NAME] in place of [data]."""
+    ds = cfg["fusion"].get("dataset")
+    return {**cfg, "data": cfg["datasets"][ds]} if ds else cfg
 
 
 def _check_fresh(cfg: dict, scores: Scores, stream: str, part: str, path: Path) -> None:
@@ -39,10 +55,12 @@ def _check_fresh(cfg: dict, scores: Scores, stream: str, part: str, path: Path) 
     meta = scores.meta
     if not meta:
         return  # written by hand or by an older version: nothing recorded to compare
-    if "splits" in cfg.get("data", {}) and cfg["data"].get("splits"):
+    data_cfg = _data_cfg(cfg)
+    if data_cfg.get("data", {}).get("splits"):
         from trainer.splits import split_from_config, split_identity
 
-        check_same_split(meta.get("split"), split_identity(split_from_config(cfg), cfg), f"the scores in {path}")
+        check_same_split(meta.get("split"), split_identity(split_from_config(data_cfg), data_cfg),
+                         f"the scores in {path}")
     ev = cfg.get("eval", {})
     for key in ("segments", "crops"):
         if key in ev and meta.get(key) not in (None, ev[key]):
@@ -71,7 +89,8 @@ def get_scores(cfg: dict, stream: str, part: str, *, evaluate: bool = True, reus
                           f"--reuse-scores so the {stream} stream's best checkpoint is evaluated")
     from trainer.evaluate import score_stream  # lazy: needs torch and the trained stream
 
-    return score_stream(cfg, stream, part)
+    ds = _dataset(cfg, stream)
+    return score_stream(cfg, stream, part, **({"dataset": ds} if ds else {}))
 
 
 def resolve_methods(cfg: dict, methods: Sequence[str] | None) -> list[str]:
@@ -122,7 +141,9 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
                           f"{streams}; give one per stream, or none to choose them on the validation part")
     fit_parts = {m: METHODS[m].fits_on(settings) for m in methods}
     wanted = ["test", *dict.fromkeys(p for ps in fit_parts.values() for p in ps)]
-    if "val" not in wanted and cfg["data"]["val_fraction"] > 0:
+    if settings.get("dataset") and settings["dataset"] not in cfg["datasets"]:
+        raise FusionError(f"fusion.dataset = {settings['dataset']!r} is not a [datasets.NAME] of the pipeline")
+    if "val" not in wanted and _data_cfg(cfg)["data"]["val_fraction"] > 0:
         wanted.append("val")  # the best fusion is chosen on it
 
     given = streams_scores or {}
@@ -154,13 +175,18 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
         results[m] = method.apply(params[m], test)
         if val is not None:
             val_acc[m] = metrics(method.apply(params[m], val), val[0].labels, len(val[0].class_names))["top1"]
-    best = max(methods, key=lambda m: (val_acc[m], -methods.index(m))) if val_acc else None
+    for name, (test_s, val_s) in _joint_scores(cfg, test, val, evaluate, reuse_scores).items():
+        results[name] = test_s.scores
+        if val_s is not None:
+            val_acc[name] = metrics(val_s.scores, val_s.labels, len(val_s.class_names))["top1"]
+    candidates = [m for m in results if m not in streams]
+    best = max(candidates, key=lambda m: (val_acc.get(m, -1), -candidates.index(m))) if val_acc else None
     report_params = {m: _describe({k: v for k, v in p.items() if not isinstance(v, np.ndarray) or v.size <= 64})
                      for m, p in params.items() if p}
     t0 = test[0]
     report = build_report(results, t0.labels, t0.class_names, t0.video_ids, report_params, streams=streams,
                           best=best, val_accuracy=val_acc)
-    out_dir = Path(cfg["out"]) / "fusion"
+    out_dir = Path(cfg["out"]) / (f"fusion_{settings['dataset']}" if settings.get("dataset") else "fusion")
     paths = write_report(out_dir, report)
     for m in methods:
         paths[f"scores_{m}"] = save_scores(out_dir / f"scores_{m}.npz",
@@ -174,6 +200,39 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
     paths["fusion_json"] = write_atomic(out_dir / "fusion.json",
                                         json.dumps(_describe(fitted), indent=1, sort_keys=True) + "\n")
     return {"report": report, "paths": paths, "table": render_table(report), "params": params}
+
+
+def _joint_scores(cfg: dict, test: list[Scores], val: list[Scores] | None, evaluate: bool,
+                  reuse_scores: bool) -> dict[str, tuple[Scores, Scores | None]]:
+    """Scores of the jointly fine-tuned networks of this run (train-fusion --joint), if any."""
+    from trainer.network import FUSIONS
+
+    found = {}
+    for method in FUSIONS:
+        run_dir = Path(cfg["out"]) / f"joint_{method}"
+        if not (run_dir / "best.pt").is_file() and not (run_dir / "last.pt").is_file():
+            continue
+        got = []
+        for part, ref in (("test", test), ("val", val)):
+            if ref is None:
+                got.append(None)
+                continue
+            path = run_dir / f"scores_{part}.npz"
+            if (reuse_scores or not evaluate) and path.is_file():
+                s = load_scores(path)
+                _check_fresh(cfg, s, f"joint_{method}", part, path)
+            elif evaluate:
+                from trainer.train_fusion import score_joint
+
+                s = score_joint(cfg, method, part)
+            else:
+                s = None
+            if s is not None:
+                check_streams([ref[0], s], f"{part} scores of the streams and of joint {method}")
+            got.append(s)
+        if got[0] is not None:
+            found[f"{method} (joint)"] = (got[0], got[1])
+    return found
 
 
 def parse_weights(text: str) -> list[float]:

@@ -218,6 +218,40 @@ def split_from_config(cfg: dict) -> Split:
                       data.get("val_fraction", 0.1))
 
 
+@dataclass
+class Task:
+    """One dataset a stream trains on: its data section, split, and first class in the stream's
+    combined class list (multi-task streams stack every dataset's classes, one head each)."""
+
+    name: str  # "" for the pipeline's [data]
+    data: dict
+    split: Split
+    offset: int = 0
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.split.class_names)
+
+
+def tasks_for(cfg: dict, datasets: list[str] | tuple[str, ...] = ()) -> list[Task]:
+    """[data] alone, or the listed [datasets.NAME] of a multi-task stream."""
+    if not datasets:
+        return [Task("", cfg.get("data", {}), split_from_config(cfg))]
+    tasks, offset = [], 0
+    for name in datasets:
+        data = cfg["datasets"][name]
+        split = split_from_config({"data": data})
+        tasks.append(Task(name, data, split, offset))
+        offset += len(split.class_names)
+    return tasks
+
+
+def class_names(tasks: list[Task]) -> list[str]:
+    if len(tasks) == 1:
+        return tasks[0].classes
+    return [f"{t.name}/{c}" for t in tasks for c in t.classes]
+
+
 def ids_checksum(video_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(video_ids).encode()).hexdigest()[:16]
 

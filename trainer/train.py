@@ -26,7 +26,7 @@ from trainer import checkpoint as C
 from trainer.config import stream_settings
 from trainer.data import ClipDataset, DevicePrefetcher, EpochSampler, ShardSampler, make_loader
 from trainer.models import build_model, freeze_backbone, freeze_bn
-from trainer.splits import check_videos, split_from_config, split_identity
+from trainer.splits import check_videos, class_names, split_identity, tasks_for
 from trainer.streams import FLOW_CENTER, FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, Input, get_input
 from trainer.utils import init_distributed, pick_device, reduce_sum, seed_everything, setup_device, world_size
 from twostream.pipeline import validate
@@ -86,7 +86,9 @@ def forward(model: nn.Module, x: torch.Tensor, device: torch.device, kind: Input
     return image_logits(model, x, device, kind, args["flow_length"], args["mean_subtraction"], args["amp"]).mean(1)
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, kind, args, show=True) -> dict:
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, args, logits_fn,
+                    show=True) -> dict:
+    """One pass over `loader`; `logits_fn(x, y)` -> class logits [B, classes] of a batch."""
     name = args["name"]
     model.train()
     if args["freeze_bn"] or args["freeze"] == "backbone":
@@ -108,7 +110,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
     with Progress(len(loader), f"{name} epoch {epoch + 1}", unit="steps", show=show) as bar:
         for x, y in loader:
             y = y.to(device, non_blocking=True)
-            logits = forward(model, x, device, kind, args)
+            logits = logits_fn(x, y)
             loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,7 +133,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, device, kind, args) -> dict:
+def evaluate(model, criterion, loader, device, logits_fn) -> dict:
     """Clip-level loss and accuracy (center crop, segment middles); the full test protocol is evaluate.py."""
     model.eval()
     # Summed on the device and read once: .item() per batch would sync the GPU every step.
@@ -140,7 +142,7 @@ def evaluate(model, criterion, loader, device, kind, args) -> dict:
     seen = 0
     for x, y in loader:
         y = y.to(device, non_blocking=True)
-        logits = forward(model, x, device, kind, args)
+        logits = logits_fn(x, y)
         loss_sum += criterion(logits, y).double() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -186,16 +188,25 @@ def main(cfg: dict, stream: str) -> dict:
     run_dir = Path(cfg["out"]) / name
 
     # Everything that can be wrong with the inputs fails here, before any training.
-    split = split_from_config(cfg)
-    store = Store(data["store"])
-    skip = data["skip_missing"]
-    train_part, train_counts = check_videos(store, split.train, skip, "training ", kind.reads)
-    val_part, val_counts = check_videos(store, split.val, skip, "validation ", kind.reads)
-    if not train_part.video_ids:
-        raise ConfigError(f"no training videos left in {store.root} for split {data['split']}")
-    check_crop_size(store, train_part.video_ids[0], args["crop_size"])
+    tasks = tasks_for(cfg, args["datasets"])
+    classes = class_names(tasks)
+    parts = {"train": ([], [], [], []), "val": ([], [], [], [])}  # ids, labels, counts, store roots
+    for t in tasks:
+        store = Store(t.data["store"])
+        for part, (ids, labels, counts, roots) in parts.items():
+            what = f"{t.name + ' ' if t.name else ''}{'training' if part == 'train' else 'validation'} "
+            kept, n = check_videos(store, t.split.part(part), t.data["skip_missing"], what, kind.reads)
+            ids += kept.video_ids
+            labels += [y + t.offset for y in kept.labels]
+            counts += n
+            roots += [str(store.root)] * len(kept.video_ids)
+    train_ids, train_labels, train_counts, train_roots = parts["train"]
+    val_ids, val_labels, val_counts, val_roots = parts["val"]
+    if not train_ids:
+        raise ConfigError(f"no training videos left for split {data['split']}")
+    check_crop_size(Store(train_roots[0]), train_ids[0], args["crop_size"])
     in_ch = kind.channels(length)
-    model = build_model(args["arch"], len(split.class_names), in_ch, args["dropout"], args["pretrained"]).to(device)
+    model = build_model(args["arch"], len(classes), in_ch, args["dropout"], args["pretrained"]).to(device)
     params = freeze_backbone(model, args["arch"]) if args["freeze"] == "backbone" else model.parameters()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -203,7 +214,7 @@ def main(cfg: dict, stream: str) -> dict:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same keys; SyncBN needs CUDA
 
     common = dict(kind=kind, crop_size=args["crop_size"], flow_length=length)
-    train_set = ClipDataset(store.root, train_part.video_ids, train_part.labels, train_counts,
+    train_set = ClipDataset(train_roots, train_ids, train_labels, train_counts,
                             train=True, segments=args["segments"], seed=seed, **common)
     try:
         sampler = EpochSampler(len(train_set), int(args["batch_size"]), seed, rank, world)
@@ -212,20 +223,32 @@ def main(cfg: dict, stream: str) -> dict:
     per_rank = int(args["batch_size"]) // world
     loader = DevicePrefetcher(make_loader(train_set, sampler, per_rank, int(args["workers"]), device, seed), device)
     val_loader = None
-    if val_part.video_ids:
-        val_set = ClipDataset(store.root, val_part.video_ids, val_part.labels, val_counts,
+    if val_ids:
+        val_set = ClipDataset(val_roots, val_ids, val_labels, val_counts,
                               train=False, segments=args["segments"], **common)
         val_loader = DevicePrefetcher(make_loader(val_set, ShardSampler(len(val_set), rank, world), per_rank,
                                                   int(args["workers"]), device, seed), device)
+    task_of = torch.tensor([k for k, t in enumerate(tasks) for _ in t.classes], device=device)
+
+    def logits_fn(net):
+        def run(x, y):
+            logits = forward(net, x, device, kind, args)
+            if len(tasks) > 1:  # multi-task: each video's softmax over its own dataset's head only
+                logits = logits.masked_fill(task_of[None, :] != task_of[y][:, None], float("-inf"))
+            return logits
+        return run
 
     optimizer = make_optimizer(params, args)
     scheduler = make_scheduler(optimizer, args, len(loader))
     criterion = nn.CrossEntropyLoss()
     meta = {"arch": args["arch"], "stream": name, "input": kind.name, "flow_length": length,
             "mean_subtraction": args["mean_subtraction"], "crop_size": args["crop_size"], "in_channels": in_ch,
-            "num_classes": len(split.class_names), "class_names": list(split.class_names),
+            "num_classes": len(classes), "class_names": classes,
             "normalization": normalization(kind, length, args["mean_subtraction"]),
-            "split": split_identity(split, cfg), "config": _plain(cfg), "stream_config": _plain(args)}
+            "split": split_identity(tasks[0].split, {"data": tasks[0].data}),
+            "tasks": [{"name": t.name, "offset": t.offset, "classes": t.classes,
+                       "split": split_identity(t.split, {"data": t.data})} for t in tasks],
+            "config": _plain(cfg), "stream_config": _plain(args)}
 
     start_epoch, best_acc, best_epoch, records = 0, -1.0, None, []
     resume = args["resume"]
@@ -234,10 +257,10 @@ def main(cfg: dict, stream: str) -> dict:
         C.start_run(run_dir)
     if resume and last_path.is_file():
         ck = C.load_checkpoint(last_path, "checkpoint to resume")
-        if (ck["arch"], ck["in_channels"], ck["class_names"]) != (args["arch"], in_ch, split.class_names):
+        if (ck["arch"], ck["in_channels"], ck["class_names"]) != (args["arch"], in_ch, classes):
             raise ConfigError(f"{last_path} was trained as {ck['arch']} with {ck['in_channels']} input channels and "
                               f"{len(ck['class_names'])} classes; this run asks for {args['arch']}, {in_ch} and "
-                              f"{len(split.class_names)}. Use another --out, or drop --resume to start over.")
+                              f"{len(classes)}. Use another --out, or drop --resume to start over.")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -258,17 +281,19 @@ def main(cfg: dict, stream: str) -> dict:
         model_ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
     if rank == 0:
         log.info(f"{name}: input {kind.name} ({in_ch} channels), {args['arch']} on {device} x{world}, "
-                 f"{len(train_part)} train / {len(val_part)} val videos, {len(split.class_names)} classes; batch "
+                 f"{len(train_ids)} train / {len(val_ids)} val videos, {len(classes)} classes"
+                 + (f" in {len(tasks)} datasets ({', '.join(t.name for t in tasks)})" if len(tasks) > 1 else "")
+                 + "; batch "
                  f"{args['batch_size']} = {per_rank} per process x {world}; {len(loader)} steps per epoch")
 
     for epoch in range(start_epoch, int(args["epochs"])):
         sampler.set_epoch(epoch)
         record = {"epoch": epoch + 1}
-        record.update(train_one_epoch(model_ddp, criterion, optimizer, scheduler, loader, device, epoch, kind,
-                                      args, show=rank == 0))
+        record.update(train_one_epoch(model_ddp, criterion, optimizer, scheduler, loader, device, epoch, args,
+                                      logits_fn(model_ddp), show=rank == 0))
         if val_loader is not None:
             # The plain module: DDP could wait on buffer syncs across ranks' unequal eval shares.
-            record.update(evaluate(model, criterion, val_loader, device, kind, args))
+            record.update(evaluate(model, criterion, val_loader, device, logits_fn(model)))
         score = record.get("val_acc", record["train_acc"])  # no val part: the latest epoch is the best
         improved = val_loader is None or score > best_acc
         if improved:

@@ -11,8 +11,10 @@ Sections and where their schema lives:
     [synth]          flowprep synth                                      flowprep/synth.py
     [train]          training settings shared by every stream            trainer/config.py
     [streams.NAME]   one stream: `input` and the [train] keys it changes  trainer/config.py
+    [datasets.NAME]  a dataset of a multi-task stream (store, splits)    trainer/config.py
     [eval]           the test protocol                                   trainer/config.py
     [fusion]         late fusion                                         trainer/config.py
+    [joint]          train-fusion --joint: the [train] keys it changes   trainer/config.py
 Older files' [spatial] and [temporal] sections are read as [streams.spatial] / [streams.temporal].
 
 Overrides are `section.key=value` strings; the value is parsed as TOML when it can be (numbers,
@@ -28,7 +30,7 @@ from typing import Any
 
 from flowprep.extract import EXTRACT
 from flowprep.synth import SYNTH
-from trainer.config import DATA, EVAL, FUSION, STREAM, TRAIN
+from trainer.config import DATA, DATASET, EVAL, FUSION, JOINT, STREAM, TRAIN
 from trainer.streams import DEFAULT_STREAMS
 from twostream.schema import ConfigError, Key, Section
 
@@ -92,7 +94,7 @@ def validate(raw: dict, where: str = "") -> dict:
     holds only what each stream sets itself (see trainer.config.stream_settings)."""
     where = where or str(raw.get("_path", ""))
     raw = _legacy_streams(raw, where)
-    known = [*TOP.keys, *SECTIONS, "streams"]
+    known = [*TOP.keys, *SECTIONS, "streams", "datasets", "joint"]
     unknown = [k for k in raw if k not in known and not k.startswith("_")]
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, n=1)) else k
@@ -114,6 +116,12 @@ def validate(raw: dict, where: str = "") -> dict:
             raise ConfigError(f"{where}: [streams.{name}] needs an input (one of {', '.join(STREAM.keys['input'].choices)})")
         section = Section(f"streams.{name}", STREAM.keys)
         cfg["streams"][name] = section.validate(values, where, partial=True)
+    cfg["joint"] = JOINT.validate(raw.get("joint"), where, partial=True)
+    cfg["datasets"] = {}
+    for name, values in raw.get("datasets", {}).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: datasets.{name} must be a [datasets.{name}] section")
+        cfg["datasets"][name] = Section(f"datasets.{name}", DATASET.keys).validate(values, where)
     if "_path" in raw:
         cfg["_path"] = raw["_path"]
     return cfg

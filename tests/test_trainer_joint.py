@@ -1,0 +1,71 @@
+"""Joint fine-tuning of the streams under the fused loss, and multi-task training over two datasets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.evaluate import score_stream
+from trainer.fuse_eval import fuse_eval
+from trainer.train import main as train
+from trainer.train_fusion import score_joint, train_joint
+from trainer_toy import make_toy, toy_config
+from twostream.pipeline import validate
+from twostream.schema import ConfigError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Both streams trained briefly on a toy where appearance and motion both tell the class."""
+    root = tmp_path_factory.mktemp("joint")
+    store, splits = make_toy(root, "jpeg", train_per_class=10, test_per_class=4, frames=6, tint=True)
+    cfg = toy_config(root, store, splits, epochs=1, optimizer="adamw", lr=1e-3)
+    for stream in ("spatial", "temporal"):
+        train(cfg, stream)
+    return root, cfg
+
+
+@pytest.mark.slow
+def test_joint_training_lowers_the_fused_loss_and_is_reported(trained):
+    root, cfg = trained
+    cfg = {**cfg, "fusion": {"methods": ["average", "attention"]}, "joint": {"epochs": 3, "lr": 3e-4}}
+    fuse_eval(cfg)  # fits the heads the joint run starts from
+    summary = train_joint(cfg, "attention")
+    losses = [r["train_loss"] for r in summary["log"]]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    ck = torch.load(root / "run" / "joint_attention" / "best.pt", weights_only=True)
+    assert ck["fusion"] == "attention" and ck["streams"] == ["spatial", "temporal"]
+    s = score_joint(cfg, "attention", "test", show=False)
+    assert len(s.video_ids) == 8 and np.allclose(s.scores.sum(1), 1, atol=1e-5)
+    report = fuse_eval(cfg, reuse_scores=True)["report"]
+    assert "attention (joint)" in [r["method"] for r in report["methods"]]
+
+
+@pytest.mark.slow
+def test_multitask_heads_each_learn_their_own_dataset(tmp_path):
+    a_store, a_splits = make_toy(tmp_path / "a", "jpeg", train_per_class=16, test_per_class=10, frames=6,
+                                 classes=("down", "up"), square=20)
+    b_store, b_splits = make_toy(tmp_path / "b", "hdf5", train_per_class=16, test_per_class=10, frames=6,
+                                 classes=("fall", "rise"), seed=1, square=20)
+    cfg = toy_config(tmp_path, a_store, a_splits, epochs=6, lr=0.01)  # 4 left BatchNorm's val statistics behind
+    cfg["datasets"] = {"a": {"store": str(a_store), "split_format": "list", "splits": str(a_splits),
+                             "val_fraction": 0.2},
+                       "b": {"store": str(b_store), "split_format": "list", "splits": str(b_splits),
+                             "val_fraction": 0.2}}
+    cfg["temporal"]["datasets"] = ["a", "b"]
+    train(cfg, "temporal")
+    ck = torch.load(tmp_path / "run" / "temporal" / "best.pt", weights_only=True)
+    assert ck["class_names"] == ["a/down", "a/up", "b/fall", "b/rise"]
+    assert [t["name"] for t in ck["tasks"]] == ["a", "b"]
+    acc = {}
+    for ds in ("a", "b"):
+        s = score_stream(cfg, "temporal", "test", show=False, dataset=ds)
+        assert s.class_names == (["down", "up"] if ds == "a" else ["fall", "rise"])
+        acc[ds] = float(np.mean(s.scores.argmax(1) == s.labels))
+        assert (tmp_path / "run" / "temporal" / f"scores_{ds}_test.npz").is_file()
+    assert min(acc.values()) >= 0.8, acc  # one backbone, two heads, each right on its own dataset
+    with pytest.raises(ConfigError, match="say which"):
+        score_stream(cfg, "temporal", "test", show=False)
+    with pytest.raises(ConfigError, match=r"\[datasets.c\]"):
+        train({**cfg, "temporal": {**cfg["temporal"], "datasets": ["a", "c"]}}, "temporal")
+    validate(cfg)  # the pipeline with [datasets.*] sections is valid
