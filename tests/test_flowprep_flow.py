@@ -56,3 +56,27 @@ def test_presets():
         flow_params("tvl1", "slow")
     with pytest.raises(ValueError, match="algorithm"):
         flow_params("lucas-kanade")
+
+
+@pytest.mark.parametrize("algo,preset", [("dis", "ultrafast"), ("dis", "fast"), ("dis", "medium"),
+                                         ("deepflow", None), ("lk", None), ("farneback", None)])
+def test_every_algorithm_recovers_a_known_translation(algo, preset):
+    """A texture shifted by (2.5, -1.5) px: every algorithm finds it within half a pixel."""
+    prev = textured_frame(H, W, seed=3, channels=1)
+    shift = np.full((H, W, 2), (2.5, -1.5), np.float32)
+    nxt = warp_by_flow(prev, shift)
+    flow = make_flow(algo, preset)(prev, nxt)
+    assert flow.shape == (H, W, 2) and flow.dtype == np.float32
+    assert mean_epe(flow, shift) < 0.5, mean_epe(flow, shift)
+    assert abs(np.median(flow[MARGIN:-MARGIN, MARGIN:-MARGIN, 0]) - 2.5) < 0.5  # x is x, with its sign
+    assert abs(np.median(flow[MARGIN:-MARGIN, MARGIN:-MARGIN, 1]) + 1.5) < 0.5
+
+
+def test_presets_belong_to_their_algorithm():
+    assert flow_params("dis", None) == flow_params("dis", "medium")
+    assert flow_params("dis", "ultrafast")["PatchSize"] == 8 and flow_params("dis", "medium")["PatchStride"] == 3
+    assert flow_params("lk")["grid_step"] == 8
+    with pytest.raises(ValueError, match="presets of dis: ultrafast, fast, medium"):
+        flow_params("dis", "accurate")
+    with pytest.raises(ValueError, match="leave --preset out"):
+        flow_params("deepflow", "medium")

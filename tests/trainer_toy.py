@@ -16,8 +16,10 @@ from flowprep.store import open_writer, write_store_info
 CLASSES = ("down", "up")
 
 
-def toy_video(rng: np.random.Generator, up: bool, frames: int, size=(40, 48), square=14, speed=3, tint=False):
-    """(frames BGR list, quantized flows list) of one video; `tint` adds an appearance cue (bright "up" videos)."""
+def toy_video(rng: np.random.Generator, up: bool, frames: int, size=(40, 48), square=14, speed=3, tint=False,
+              backward: list | None = None):
+    """(frames BGR list, quantized flows list) of one video; `tint` adds an appearance cue (bright "up" videos).
+    `backward`: a list that receives the backward flows (frame t+1 to frame t)."""
     h, w = size
     background = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     if tint:
@@ -38,13 +40,17 @@ def toy_video(rng: np.random.Generator, up: bool, frames: int, size=(40, 48), sq
             f = np.zeros((h, w, 2), np.float32)
             f[y:y + square, x:x + square, 1] = dy
             flows.append(quantize(f, 20.0))
+            if backward is not None:  # the square, at its next position, moves back
+                b = np.zeros((h, w, 2), np.float32)
+                b[y + dy:y + dy + square, x:x + square, 1] = -dy
+                backward.append(quantize(b, 20.0))
     return imgs, flows
 
 
 def make_toy(root: Path, fmt: str = "jpeg", train_per_class: int = 16, test_per_class: int = 8, frames: int = 8,
-             seed: int = 0, classes: tuple[str, str] = CLASSES, **kw) -> tuple[Path, Path]:
+             seed: int = 0, classes: tuple[str, str] = CLASSES, backward: bool = False, **kw) -> tuple[Path, Path]:
     """Write a store and a `list` split (train.txt / test.txt) under root; returns (store, splits).
-    `classes`: the names of the (down, up) classes."""
+    `classes`: the names of the (down, up) classes; `backward`: store backward flows too."""
     store, splits = root / "store", root / "splits"
     write_store_info(store, {"format": fmt, "bound": 20.0})
     splits.mkdir(parents=True, exist_ok=True)
@@ -54,12 +60,15 @@ def make_toy(root: Path, fmt: str = "jpeg", train_per_class: int = 16, test_per_
         for label, cls in enumerate(classes):
             for i in range(n):
                 vid = f"{cls}/v_{cls}_{part}{i:03d}"
-                imgs, flows = toy_video(rng, label == 1, frames, **kw)
+                bflows = [] if backward else None
+                imgs, flows = toy_video(rng, label == 1, frames, backward=bflows, **kw)
                 with open_writer(fmt, store, vid) as w:
                     for im in imgs:
                         w.write_rgb(im)
                     for q in flows:
                         w.write_flow(q)
+                    for q in bflows or []:
+                        w.write_flow(q, backward=True)
                     w.commit({"source": vid + ".avi"})
                 lines[part].append(f"{vid}.avi {label}\n")
     for part, ls in lines.items():

@@ -165,6 +165,76 @@ def train_fusion_cmd(pipeline, method, joint, reuse_scores, overrides):
         raise click.ClickException(str(e)) from e
 
 
+@main.command("predict", context_settings=CONTEXT)
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--pipeline", required=True, type=click.Path(dir_okay=False), help="Pipeline whose streams classify.")
+@STREAM.options("device")
+@click.option("--top", type=click.IntRange(1, 100), default=5, help="Classes listed per video.")
+@click.option("--out", "--output-dir", "out_dir", type=click.Path(file_okay=False),
+              help="Where predictions.csv / .json go [default: <out>/predict].")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+def predict_cmd(videos, pipeline, device, top, out_dir, overrides):
+    """Classify VIDEOS with the trained streams and the fitted fusion (frames and flow made exactly as the
+    store's were). Exit status 1 when some video could not be classified (the others still are)."""
+    from pathlib import Path
+
+    from trainer.predict import predict_videos, render, write_results
+
+    try:
+        cfg = load_pipeline(pipeline, overrides)
+        result = predict_videos(cfg, list(videos), device=device, top=top)
+        paths = write_results(result, out_dir or Path(cfg["out"]) / "predict")
+    except (*errors(), OSError) as e:
+        raise _fail(e) from e
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(render(result))
+    click.echo(f"\nwrote {paths['csv']} and {paths['json']}")
+    sys.exit(1 if result["failed"] else 0)
+
+
+@main.command("export", context_settings=CONTEXT)
+@click.option("--pipeline", required=True, type=click.Path(dir_okay=False), help="Pipeline of the trained streams.")
+@click.option("--stream", "streams", multiple=True, metavar="NAME", help="Stream to export (repeatable) "
+              "[default: fusion.streams].")
+@click.option("--out", "--output-dir", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the exported files [default: <out>/export].")
+@click.option("--no-onnx", is_flag=True, help="TorchScript only.")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+def export_cmd(pipeline, streams, out_dir, no_onnx, overrides):
+    """Write each stream as TorchScript (and ONNX with the onnx package) plus a JSON of its preprocessing."""
+    from pathlib import Path
+
+    from trainer.export import export_stream
+
+    try:
+        cfg = load_pipeline(pipeline, overrides)
+        for s in streams or cfg["fusion"]["streams"]:
+            name = resolve_stream(cfg, s)
+            paths = export_stream(cfg, name, out_dir or Path(cfg["out"]) / "export", onnx=not no_onnx)
+            click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    except (*errors(), OSError) as e:
+        raise _fail(e) from e
+
+
+@main.command("ablate", context_settings=CONTEXT)
+@click.option("--pipeline", required=True, type=click.Path(dir_okay=False), help="Pipeline whose data to ablate on.")
+@click.option("--cell", "cells", multiple=True, metavar="NAME", help="Only these cells (repeatable).")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+def ablate_cmd(pipeline, cells, overrides):
+    """Train the paper-shaped grid of stream inputs; writes <out>/ablate/table.md and table.json (resumable)."""
+    from trainer.ablate import ablate
+
+    try:
+        result = ablate(load_pipeline(pipeline, overrides), list(cells) or None)
+    except (*errors(), OSError) as e:
+        raise _fail(e) from e
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(result["paths"]["markdown"].read_text())
+    click.echo(f"wrote {result['paths']['markdown']} and {result['paths']['json']}")
+
+
 main.add_command(fuse_eval_command)
 
 

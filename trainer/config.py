@@ -11,6 +11,7 @@ pipelines' [spatial] / [temporal] sections are those two streams' sections.
 from __future__ import annotations
 
 from twostream.schema import (ConfigError, Invalid, Key, Section, boolean, int_list, integer, names, number, number_list)
+from flowprep.flow import ALGOS
 from trainer.streams import DEFAULT_STREAMS, INPUTS, check_length, get_input
 
 __all__ = ["ConfigError", "DATA", "DATASET", "TRAIN", "JOINT", "STREAM", "EVAL", "FUSION", "stream_settings",
@@ -139,6 +140,17 @@ FUSION = Section("fusion", {
                     integer, min=1),
     "seed": Key(0, "Seed of the fusion heads' initialisation.", integer, min=0),
 }, doc="Late fusion of the streams' scores.")
+
+
+ABLATE = Section("ablate", {
+    "lengths": Key([1, 5, 10], "Flow stack lengths L compared (each with and without mean subtraction).", int_list,
+                   min=1),
+    "algos": Key(["tvl1", "farneback", "dis", "deepflow", "lk"], "Flow algorithms compared for the temporal stream "
+                 "(each extracted once into <store>-<algo>).", names, choices=ALGOS),
+    "rgb_stack_length": Key(10, "L of the rgb_stack cell (L+1 frames).", integer, min=1),
+    "pretrained": Key("", "Weights for the spatial fine-tuned / last-layer cells [default: train.pretrained]."),
+    "epochs": Key(0, "Epochs of every cell (0 = each stream's own).", integer, min=0),
+}, doc="python -m trainer ablate: the paper's input comparisons.")
 
 
 def stream_names(cfg: dict) -> list[str]:

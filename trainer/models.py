@@ -61,7 +61,7 @@ class CNNM2048(nn.Module):
             nn.Conv2d(256, 512, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2, ceil_mode=True))
+            nn.MaxPool2d(2, 2))
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
             nn.Linear(512 * 6 * 6, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),

@@ -15,6 +15,7 @@ Sections and where their schema lives:
     [eval]           the test protocol                                   trainer/config.py
     [fusion]         late fusion                                         trainer/config.py
     [joint]          train-fusion --joint: the [train] keys it changes   trainer/config.py
+    [ablate]         python -m trainer ablate                            trainer/config.py
 Older files' [spatial] and [temporal] sections are read as [streams.spatial] / [streams.temporal].
 
 Overrides are `section.key=value` strings; the value is parsed as TOML when it can be (numbers,
@@ -30,7 +31,7 @@ from typing import Any
 
 from flowprep.extract import EXTRACT
 from flowprep.synth import SYNTH
-from trainer.config import DATA, DATASET, EVAL, FUSION, JOINT, STREAM, TRAIN
+from trainer.config import ABLATE, DATA, DATASET, EVAL, FUSION, JOINT, STREAM, TRAIN
 from trainer.streams import DEFAULT_STREAMS
 from twostream.schema import ConfigError, Key, Section
 
@@ -39,7 +40,7 @@ TOP = Section("", {
     "out": Key("", "Run folder: checkpoints, scores and reports [default: runs/<name>]."),
 })
 SECTIONS: dict[str, Section] = {"data": DATA, "extract": EXTRACT, "synth": SYNTH, "train": TRAIN, "eval": EVAL,
-                                "fusion": FUSION}
+                                "fusion": FUSION, "ablate": ABLATE}
 
 
 def parse_value(text: str) -> Any:

@@ -51,6 +51,7 @@ class Progress:
         self.done = self.failed = 0
         self.status = ""
         self._bar = None
+        self._shown = -1  # `done` at the last status line, so the final one is not a repeat
 
     def __enter__(self) -> "Progress":
         self.start = self._last = time.perf_counter()
@@ -68,6 +69,7 @@ class Progress:
             self._bar.update(n, self.status)
         elif self.show and time.perf_counter() - self._last >= self.interval:
             self._last = time.perf_counter()
+            self._shown = self.done
             log.info(self.line())
 
     def line(self) -> str:
@@ -86,5 +88,5 @@ class Progress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
-        elif self.show and exc[0] is None:
+        elif self.show and exc[0] is None and self._shown != self.done:
             log.info(self.line())
