@@ -74,6 +74,9 @@ def common_options(f):
 
 
 def _fail(e: Exception) -> click.ClickException:
+    """A sentence for the user: exit status 2 for settings to change, 1 for everything else."""
+    if isinstance(e, ConfigError):
+        return click.UsageError(str(e))
     if isinstance(e, OSError):  # a disk full or unwritable run folder: a sentence, not a traceback
         where = f" ({e.filename})" if e.filename else ""
         return click.ClickException(f"{e.strerror or e}{where}; free some space or choose another --out")
