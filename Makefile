@@ -1,14 +1,19 @@
 # twostream: the named pipelines. PIPELINE picks the configuration (default: the demo).
 #   make demo                  synthesise a small set, extract, train both streams, fuse, print the table
-#   make test                  the test suite (CPU only)
+#   make test                  the whole test suite (CPU only); make test-fast leaves out the slow tests
 #   make extract train-spatial train-temporal fuse-eval PIPELINE=pipelines/ucf101.toml
+#   make train-fusion FUSION=attention [JOINT=1]    make ablate    make predict VIDEOS="a.avi b.mp4"
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 PIPELINE ?= pipelines/demo.toml
 ARGS     ?=
+FUSION   ?= attention
+JOINT    ?=
+VIDEOS   ?=
 
-.PHONY: setup test extract train-spatial train-temporal fuse-eval demo demo-data bench clean-demo
+.PHONY: setup test test-fast extract train-spatial train-temporal fuse-eval train-fusion ablate predict \
+        demo demo-data bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -22,6 +27,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
 extract: setup
 	$(PY) -m flowprep extract --pipeline $(PIPELINE) $(ARGS)
 
@@ -34,6 +42,16 @@ train-temporal: setup
 fuse-eval: setup
 	$(PY) -m trainer fuse-eval --pipeline $(PIPELINE) $(ARGS)
 
+train-fusion: setup
+	$(PY) -m trainer train-fusion --pipeline $(PIPELINE) --fusion $(FUSION) $(if $(JOINT),--joint) $(ARGS)
+
+ablate: setup
+	$(PY) -m trainer ablate --pipeline $(PIPELINE) $(ARGS)
+
+predict: setup
+	@test -n "$(VIDEOS)" || { echo 'give the videos: make predict VIDEOS="a.avi b.mp4"'; exit 2; }
+	$(PY) -m trainer predict $(VIDEOS) --pipeline $(PIPELINE) $(ARGS)
+
 demo-data: setup
 	$(PY) -m flowprep synth --pipeline pipelines/demo.toml
 
@@ -44,6 +62,7 @@ bench: setup
 	$(PY) benchmarks/extract_bench.py --quick
 	$(PY) benchmarks/flow_bench.py --quick
 	$(PY) benchmarks/train_bench.py --quick
+	$(PY) benchmarks/loader_bench.py --quick
 
 clean-demo:
 	rm -rf data/demo runs/demo

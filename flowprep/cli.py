@@ -1,20 +1,44 @@
-"""`flowprep` command line: extract, verify, show. Thin over flowprep.extract / verify / show."""
+"""`flowprep` command line: extract, verify, show. Thin over flowprep.extract / verify / show.
+
+Exit status: 0 done; 1 some videos failed (or verify found problems); 2 the command could not
+run (a usage error, or a problem with the job as a whole, stated in one sentence).
+"""
 from __future__ import annotations
 
+import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from flowprep.extract import EXTRACT, JOB_KEYS, ExtractError, ExtractOptions, run_extract
+from flowprep.lock import StoreLocked
 from flowprep.store import StoreError
 from flowprep.synth import synth_command
+from twostream.progress import setup_logging
 from twostream.schema import ConfigError, given
+
+log = logging.getLogger("flowprep")
+
+
+class JobError(click.ClickException):
+    """The job cannot run as asked (a bad video list, the store in use, a full disk): exit 2, one sentence."""
+
+    exit_code = 2
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """flowprep: decode videos and compute TV-L1 optical flow into a store the two-stream trainer reads."""
+@click.option("-v", "--verbose", count=True, help="More detail (-vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings, errors and the final summary only.")
+def main(verbose: int, quiet: bool) -> None:
+    """flowprep: decode videos and compute TV-L1 optical flow into a store the two-stream trainer reads.
+
+    Progress shows as a bar on a terminal and as a status line every 30 s
+    (TWOSTREAM_PROGRESS_SECONDS) when output goes to a file.
+    """
+    setup_logging(-1 if quiet else verbose)
 
 
 @main.command(context_settings={"show_default": True})
@@ -27,14 +51,22 @@ def main() -> None:
 @click.option("--out", "--output-dir", "out", type=click.Path(file_okay=False, path_type=Path),
               help="Store folder [default: data/<name of the videos folder>/ under the current directory].")
 @click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Extract only these videos: one path per line, relative to --videos.")
+              help="Extract only these videos: one path per line, relative to --videos (no absolute paths, no '..').")
+@click.option("--splits", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Official split folder: UCF-101's ucfTrainTestlist (labels = classInd.txt index - 1) or HMDB-51's "
+                   "split files. Adds per-split lists under OUT/lists/ [default: data.splits of --pipeline; "
+                   "else labels are the sorted class names].")
 @EXTRACT.options()
 @click.option("--overwrite", is_flag=True, help="Redo every video, even complete ones, and accept new parameters.")
-def extract(pipeline, videos, out, list_file, overwrite, **options):
+@click.option("--repair", is_flag=True, help="Check every stored frame's checksum first (as flowprep verify) and "
+              "redo the damaged videos too.")
+def extract(pipeline, videos, out, list_file, splits, overwrite, repair, **options):
     """Extract RGB frames and TV-L1 flow of every video into a store.
 
-    Resumable: re-running skips videos that are complete in the store. Exit status 0 when every
-    video is done, 1 when some failed (the others are still extracted), 2 for a usage error.
+    Resumable: re-running skips videos that are complete in the store (counts checked) and redoes
+    the rest, and those the last `flowprep verify` flagged. One job per store at a time (a lock).
+    Exit status 0 when every video is done, 1 when some failed (the others are still extracted),
+    2 when the job cannot run (usage error, bad video list, store in use, disk full, ...).
     """
     from twostream.pipeline import load_pipeline
 
@@ -55,27 +87,52 @@ def extract(pipeline, videos, out, list_file, overwrite, **options):
         raise click.UsageError(f"videos folder {videos} does not exist (data.videos of {pipeline})")
     if out is None:
         out = Path(cfg["data"]["store"]) if cfg and cfg["data"]["store"] else Path.cwd() / "data" / videos.resolve().name
-    click.echo(f"output: {out}", err=True)
+    if splits is None and cfg and cfg["data"]["splits"] and cfg["data"]["split_format"] in ("ucf101", "hmdb51"):
+        if Path(cfg["data"]["splits"]).is_dir():
+            splits = Path(cfg["data"]["splits"])
+        else:
+            log.warning(f"data.splits {cfg['data']['splits']} of {pipeline} does not exist (yet): lists without it")
+    log.info(f"output: {out}")
     job = {k: values.pop(k) for k in JOB_KEYS}
+    # SIGTERM (a scheduler's stop, `kill`) ends the job as Ctrl-C does: workers stopped, the lock released.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_extract(videos, out, ExtractOptions(**values), list_file=list_file, overwrite=overwrite,
-                              progress=True, **job)
-    except (ExtractError, ConfigError) as e:
+                              repair=repair, splits=splits, progress=True,
+                              command="flowprep " + shlex.join(sys.argv[1:]), **job)
+    except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    except ExtractError as e:
+        raise JobError(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo(f"flowprep: stopped; the videos finished so far are kept in {out}: run the same command again "
+                   "to go on", err=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(summary.exit_code)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads.")
 def verify(store, workers):
-    """Decode every frame of every video in STORE; exit 1 if anything is missing, unreadable or failed."""
+    """Check every frame of every video in STORE (checksum and decode) and that no expected video is missing.
+
+    Exit 1 if anything is missing, damaged or failed; the next `flowprep extract` redoes what it found.
+    """
     from flowprep.verify import verify_store
 
     try:
         report = verify_store(store, workers)
     except StoreError as e:
         raise click.UsageError(str(e)) from None
+    except StoreLocked as e:
+        raise JobError(str(e)) from None
     click.echo(report.format())
     sys.exit(report.exit_code)
 

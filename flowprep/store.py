@@ -21,8 +21,26 @@ frame against 10.2 KiB for gzip'd (level 4) raw uint8 chunks.
 With `--no-rgb` a video keeps only its flow: meta "rgb" is false, no img files / an empty rgb
 dataset, and "frames" still counts the decoded frames, so flows = frames - 1 holds in every store.
 
-Both stores also get OUT/manifest.jsonl (one record per attempt, last one wins) and an
-MMAction2-style list file OUT/videos.txt (`<video_dir> <total_frames> <label>`).
+Every stored frame has a checksum: the CRC32 of its encoded JPEG bytes, taken as it is written
+(meta.json "crc32": per kind, 8 hex digits per frame in order; in HDF5, uint32 datasets crc32_rgb,
+crc32_flow_x, ...). A decoder accepts a JPEG with bytes changed in place (it just shows the wrong
+picture), so only the checksum finds such damage; `flowprep verify` checks every one. The cheap
+`Store.check` (resume, training) compares counts only: a full pass reads every byte.
+
+Store-level files::
+
+    OUT/store.json          parameters (a resumed job must match them), labels and MMAction2 settings
+    OUT/manifest.jsonl      one record per attempt, last one wins: status ok / partial / failed
+    OUT/expected.json       every video any job on this store was asked for (id -> source), so
+                            `flowprep verify` knows what a finished store holds
+    OUT/verify.json         the last verify's findings, redone by the next `flowprep extract`
+    OUT/videos.txt          MMAction2-style list `<video_dir> <total_frames> <label>` (see lists.py)
+    OUT/lists/              MMAction2 rawframe lists per modality (and per split with --splits)
+
+Names starting with "." are the store's own and never a video: `.tmp.*` (writes in progress),
+`.flowprep.lock` (the job holding the store, flowprep/lock.py), `.logs/` (Ray's logs of a job
+whose workers died); so is `lists/`. Video ids therefore are clean relative paths that avoid
+these names (`id_problem`).
 
 A video is written under a temporary name (`.tmp.*`) and renamed into place when whole,
 so an interrupted job never leaves a half video that looks complete.
@@ -32,24 +50,64 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import unicodedata
+import zlib
 from pathlib import Path
 from typing import Iterable
 
 import cv2
 import numpy as np
 
-from twostream.atomic import TMP_PREFIX, remove_temps, temp_name, write_atomic
+from twostream.atomic import remove_temps, temp_name, write_atomic
 
 STORE_INFO = "store.json"
 MANIFEST = "manifest.jsonl"
 LIST_FILE = "videos.txt"
+EXPECTED = "expected.json"
+FINDINGS = "verify.json"
+LOGS = ".logs"
+LISTS = "lists"  # MMAction2 list files (flowprep/lists.py)
 META = "meta.json"
 FORMATS = ("jpeg", "hdf5")
 FLOW_KINDS = {False: ("flow_x", "flow_y"), True: ("bflow_x", "bflow_y")}  # backward?
+KINDS = ("img", "flow_x", "flow_y", "bflow_x", "bflow_y")
+H5_NAMES = {"img": "rgb", "flow_x": "flow_x", "flow_y": "flow_y", "bflow_x": "bflow_x", "bflow_y": "bflow_y"}
+# A video whose record has one of these statuses is in the store (partial: its source was cut short).
+DONE = ("ok", "partial")
 
 
 class StoreError(RuntimeError):
     """A store, or a video in it, is missing, incomplete or unreadable."""
+
+
+def id_problem(video_id: str) -> str | None:
+    """Why `video_id` cannot name a video in a store, or None when it can.
+
+    An id is a path inside the store, so it must be relative, '/'-separated, without '.' or '..'
+    parts (nothing may be written or removed outside the store), without parts starting with '.'
+    (the store's own names), and free of whitespace and control characters (list files separate
+    columns by whitespace, one video a line) and of bytes that are not UTF-8.
+    """
+    if not video_id:
+        return "an empty name"
+    try:
+        video_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a name that is not valid UTF-8"
+    if video_id.startswith("/"):
+        return "an absolute path (ids are paths relative to --videos)"
+    parts = video_id.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "a path with '..', '.' or empty parts (ids are clean paths relative to --videos)"
+    if any(p.startswith(".") for p in parts):
+        return "a hidden name (starting with '.'), reserved for the store's own files"
+    if parts[0] == LISTS:
+        return f"'{LISTS}' as its first folder: OUT/{LISTS}/ holds the store's list files"
+    if any(c.isspace() for c in video_id):
+        return "whitespace in the name, which list files (videos.txt, MMAction2 lists) cannot hold"
+    if any(unicodedata.category(c) == "Cc" for c in video_id):
+        return "a control character in the name"
+    return None
 
 
 def video_class(video_id: str) -> str:
@@ -89,7 +147,11 @@ def read_store_info(root: str | Path) -> dict:
     path = Path(root) / STORE_INFO
     if not path.is_file():
         raise StoreError(f"{root} is not a flowprep store (no {STORE_INFO}); run `flowprep extract` to make one")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} is damaged (not JSON: {e}); `flowprep extract --overwrite` with the store's "
+                         "options rewrites it (and redoes every video)") from None
 
 
 def write_store_info(root: str | Path, info: dict) -> None:
@@ -120,14 +182,56 @@ def read_manifest(root: str | Path) -> dict[str, dict]:
     return records
 
 
-def write_list_file(root: str | Path, records: Iterable[dict]) -> Path:
-    """MMAction2 rawframes list: `<video_dir> <total_frames> <label index>`, classes sorted by name."""
-    done = sorted((r for r in records if r.get("status") == "ok"), key=lambda r: r["id"])
-    classes = sorted({video_class(r["id"]) for r in done})
-    index = {c: i for i, c in enumerate(classes)}
+def write_list_file(root: str | Path, records: Iterable[dict], labels: dict[str, int] | None = None) -> Path:
+    """MMAction2 rawframes list: `<video_dir> <total_frames> <label index>` of every video in the store.
+
+    `labels`: class name -> index (from a split folder's class index, flowprep/lists.py); default:
+    classes sorted by name. Classes without a label (not in the index) are left out.
+    """
+    done = sorted((r for r in records if r.get("status") in DONE), key=lambda r: r["id"])
+    if labels is None:
+        labels = {c: i for i, c in enumerate(sorted({video_class(r["id"]) for r in done}))}
     path = Path(root) / LIST_FILE
-    write_atomic(path, "".join(f"{r['id']} {r['frames']} {index[video_class(r['id'])]}\n" for r in done))
+    write_atomic(path, "".join(f"{r['id']} {r['frames']} {labels[video_class(r['id'])]}\n" for r in done
+                               if video_class(r["id"]) in labels))
     return path
+
+
+def read_json(path: Path, default):
+    """A store-level JSON file, or `default` when it is absent (or cut by a crash: it is rebuilt)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except json.JSONDecodeError:
+        return default
+
+
+def read_expected(root: str | Path) -> dict[str, str]:
+    """Every video any job on the store was asked for: id -> source path."""
+    return read_json(Path(root) / EXPECTED, {}).get("videos", {})
+
+
+def add_expected(root: str | Path, videos: Iterable[tuple[str, Path]]) -> None:
+    """Add a job's videos to OUT/expected.json (a union: a later job with a shorter list keeps the others)."""
+    known = read_expected(root)
+    new = {**known, **{vid: str(src) for vid, src in videos}}
+    if new != known or not (Path(root) / EXPECTED).is_file():
+        write_json_atomic(Path(root) / EXPECTED, {"videos": dict(sorted(new.items()))})
+
+
+def read_findings(root: str | Path) -> dict[str, str]:
+    """Videos the last `flowprep verify` (or --repair) found damaged: id -> what it found."""
+    return read_json(Path(root) / FINDINGS, {}).get("problems", {})
+
+
+def write_findings(root: str | Path, problems: dict[str, str]) -> None:
+    """Record verify's findings for the next extract to redo; no file when there are none."""
+    path = Path(root) / FINDINGS
+    if problems:
+        write_json_atomic(path, {"problems": dict(sorted(problems.items()))})
+    else:
+        path.unlink(missing_ok=True)
 
 
 def clean_temps(root: str | Path) -> int:
@@ -138,9 +242,24 @@ def clean_temps(root: str | Path) -> int:
 # ---------------------------------------------------------------- writers
 
 def video_path(root: str | Path, video_id: str, fmt: str) -> Path:
-    """Final location of a video in the store: a folder (jpeg) or a .h5 file (hdf5)."""
+    """Final location of a video in the store: a folder (jpeg) or a .h5 file (hdf5).
+
+    Refuses ids that are not clean relative paths (`id_problem`): whatever asks, nothing outside
+    the store is ever written, replaced or removed through a video id.
+    """
+    problem = id_problem(video_id)
+    if problem:
+        raise StoreError(f"{video_id!r} cannot be a video id: {problem}")
     p = Path(root) / video_id
     return p.with_name(p.name + ".h5") if fmt == "hdf5" else p
+
+
+def crc_hex(crcs: list[int]) -> str:
+    return "".join(f"{c:08x}" for c in crcs)
+
+
+def crc_list(text: str) -> list[int]:
+    return [int(text[i:i + 8], 16) for i in range(0, len(text), 8)]
 
 
 class JpegVideoWriter:
@@ -156,9 +275,14 @@ class JpegVideoWriter:
         self.flows = 0
         self.bflows = 0
         self.rgb_written = 0
+        self.crc: dict[str, list[int]] = {k: [] for k in KINDS}
+
+    def _write(self, kind: str, index: int, data: bytes) -> None:
+        (self.tmp / frame_name(kind, index)).write_bytes(data)
+        self.crc[kind].append(zlib.crc32(data))
 
     def write_rgb(self, bgr: np.ndarray) -> None:
-        (self.tmp / frame_name("img", self.frames)).write_bytes(encode_jpeg(bgr, self.quality))
+        self._write("img", self.frames, encode_jpeg(bgr, self.quality))
         self.frames += 1
         self.rgb_written += 1
 
@@ -170,17 +294,23 @@ class JpegVideoWriter:
         """Write one quantized flow field (HxWx2 uint8, x then y); `backward`: frame i+1 to frame i."""
         i = self.bflows if backward else self.flows
         for c, kind in enumerate(FLOW_KINDS[backward]):
-            (self.tmp / frame_name(kind, i)).write_bytes(encode_jpeg(q[..., c], self.quality))
+            self._write(kind, i, encode_jpeg(q[..., c], self.quality))
         if backward:
             self.bflows += 1
         else:
             self.flows += 1
 
     def commit(self, meta: dict) -> Path:
+        crc = {k: crc_hex(v) for k, v in self.crc.items() if v or k in ("img", "flow_x", "flow_y")}
         meta = dict(meta, frames=self.frames, flows=self.flows, bflows=self.bflows, format="jpeg", encoding="jpeg",
-                    jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True)
+                    jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True, crc32=crc)
         (self.tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if self.final.exists():  # --overwrite: swap the old copy out before removing it
+        if self.final.is_symlink() or self.final.is_file():
+            # Not a copy of ours (ids are checked, so this is inside the store): refuse to replace it.
+            self.abort()
+            raise StoreError(f"{self.final} is in the way of video {meta.get('id', self.final.name)}: "
+                             "not a video folder; move it out of the store")
+        if self.final.exists():  # a redo: swap the old copy out before removing it
             old = temp_name(self.final, "old.")
             os.replace(self.final, old)
             os.replace(self.tmp, self.final)
@@ -218,6 +348,7 @@ class Hdf5VideoWriter:
         self.flows = 0
         self.bflows = 0
         self.rgb_written = 0
+        self.crc: dict[str, list[int]] = {"rgb": [], "flow_x": [], "flow_y": []}
 
     def _dataset(self, name: str):
         import h5py
@@ -233,6 +364,7 @@ class Hdf5VideoWriter:
         n = ds.shape[0]
         ds.resize((n + 1,))
         ds[n] = np.frombuffer(data, np.uint8)
+        self.crc.setdefault(name, []).append(zlib.crc32(data))
 
     def write_rgb(self, bgr: np.ndarray) -> None:
         self._append("rgb", encode_jpeg(bgr, self.quality))
@@ -256,7 +388,14 @@ class Hdf5VideoWriter:
                     jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True)
         for k, v in meta.items():
             self.file.attrs[k] = json.dumps(v)  # JSON keeps nested params and types exact
+        for name, crcs in self.crc.items():
+            # Datasets, not attributes: an attribute holds at most 64 KiB, 16k frames' checksums.
+            self.file.create_dataset(f"crc32_{name}", data=np.array(crcs, np.uint32), track_times=False)
         self.file.close()
+        if self.final.is_dir():
+            self.tmp.unlink(missing_ok=True)
+            raise StoreError(f"{self.final} is in the way of video {meta.get('id', self.final.name)}: a folder, "
+                             "not a video file; move it out of the store")
         os.replace(self.tmp, self.final)
         return self.final
 
@@ -335,6 +474,27 @@ class VideoReader:
     def rgb_bytes(self, i: int) -> bytes:
         return self._bytes("img", i)
 
+    def count(self, kind: str) -> int:
+        """How many frames of `kind` ('img', 'flow_x', ...) the video holds."""
+        if kind == "img":
+            return self.num_frames if self.has_rgb else 0
+        return self.num_bflows if kind.startswith("bflow") else self.num_flows
+
+    def frame_bytes(self, kind: str, i: int) -> bytes:
+        """Encoded JPEG of frame i (0-based) of `kind`."""
+        return self._bytes(kind, i)
+
+    def checksums(self) -> dict[str, list[int]] | None:
+        """kind -> CRC32 of each stored frame's bytes, as written; None for a video stored before
+        flowprep recorded them."""
+        if self._h5 is None:
+            crc = self.meta.get("crc32")
+            return None if crc is None else {k: crc_list(v) for k, v in crc.items()}
+        if "crc32_rgb" not in self._h5:
+            return None
+        return {k: [int(c) for c in self._h5[f"crc32_{name}"][()]] for k, name in H5_NAMES.items()
+                if f"crc32_{name}" in self._h5}
+
     def flow_bytes(self, i: int, backward: bool = False) -> tuple[bytes, bytes]:
         kx, ky = FLOW_KINDS[backward]
         return self._bytes(kx, i), self._bytes(ky, i)
@@ -376,9 +536,6 @@ class VideoReader:
         self.close()
 
 
-KINDS = ("img", "flow_x", "flow_y", "bflow_x", "bflow_y")
-
-
 def count_files(folder: Path) -> tuple[int, ...]:
     """(img, flow_x, flow_y, bflow_x, bflow_y) file counts in a JPEG-store video folder."""
     counts = dict.fromkeys(KINDS, 0)
@@ -390,14 +547,17 @@ def count_files(folder: Path) -> tuple[int, ...]:
 
 
 class Store:
-    """A store on disk. `Store(root)` reads OUT/store.json to learn the format."""
+    """A store on disk. `Store(root)` reads OUT/store.json to learn the format, and OUT/verify.json:
+    `check` rejects the videos the last `flowprep verify` found damaged (unless `findings=False`,
+    as verify itself, which looks afresh), so neither a resume nor training trusts them."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, findings: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise StoreError(f"store {self.root} does not exist; run `flowprep extract --videos DIR --out {self.root}` first")
         self.info = read_store_info(self.root)
         self.format = self.info["format"]
+        self.findings = read_findings(self.root) if findings else {}
 
     def open(self, video_id: str) -> VideoReader:
         return VideoReader(self.root, video_id, self.format)
@@ -406,10 +566,12 @@ class Store:
         """Cheap completeness check (no decoding): None when whole, else the reason.
 
         Used to skip finished videos on resume and to reject incomplete ones before training;
-        `flowprep verify` goes further and decodes every frame.
+        `flowprep verify` goes further: every frame's checksum, and a decode.
         """
-        path = video_path(self.root, video_id, self.format)
+        if video_id in self.findings:
+            return f"flagged by flowprep verify: {self.findings[video_id]}; `flowprep extract` redoes it"
         try:
+            path = video_path(self.root, video_id, self.format)
             with self.open(video_id) as v:
                 if not v.meta.get("complete"):
                     return "not marked complete"
@@ -438,12 +600,13 @@ class Store:
         """Ids of the videos present in the store (complete or not; see `check`), sorted."""
         ids = []
         for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(TMP_PREFIX))
+            # Dot names (.tmp.*, .logs, the lock) are the store's own; ids never have them.
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel = Path(dirpath).relative_to(self.root)
-            if self.format == "jpeg" and META in filenames:
+            if self.format == "jpeg" and META in filenames and rel != Path("."):
                 ids.append(rel.as_posix())
                 dirnames[:] = []
             elif self.format == "hdf5":
                 ids += [(rel / f[:-3]).as_posix().removeprefix("./") for f in filenames
-                        if f.endswith(".h5") and not f.startswith(TMP_PREFIX)]
+                        if f.endswith(".h5") and not f.startswith(".")]
         return sorted(ids)

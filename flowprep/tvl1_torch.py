@@ -2,26 +2,60 @@
 
 The algorithm is Zach-Pock-Bischof's duality-based TV-L1 with the Wedel et al. improvements, as in
 Sanchez, Meinhardt-Llopis & Facciolo, "TV-L1 Optical Flow Estimation", IPOL 2013, and follows
-OpenCV's `modules/optflow/src/tvl1flow.cpp` detail for detail so the two agree to a small fraction
-of a pixel:
+OpenCV's `modules/optflow/src/tvl1flow.cpp` detail for detail:
 
 - pyramid: each level is `cv::resize(INTER_LINEAR)` of the previous one by `scale_step` (no blur),
   sizes rounded, stopping before a level narrower or shorter than 16 px;
 - per level: centered-difference gradient of I1 (half one-sided differences at the border), then
-  `warps` times: bicubic remap of I1 and its gradient at x + u (zero outside the image), then up to `outer_iterations` x (5x5 median filter of u,
-  up to `inner_iterations` x (thresholding step, u update, dual p update)), stopping as soon as the
-  sum of squared u changes falls to `epsilon**2 * area` or below;
+  `warps` times: bicubic remap of I1 and its gradient at x + u (zero outside the image), then up
+  to `outer_iterations` x (5x5 median filter of u, up to `inner_iterations` x (thresholding step,
+  u update, dual p update)), stopping as soon as the sum of squared u changes falls to
+  `epsilon**2 * area` or below;
 - the dual variables p restart at zero on each level; u is upsampled bilinearly to the next finer
   level and multiplied by 1 / scale_step.
 
 `gamma` (illumination term) and `useInitialFlow` are left at OpenCV's defaults (0, False).
 
-Batching: all pairs of a batch are solved together, each op handles the whole batch. Epsilon
-stopping is per pair: a pair whose error has converged is frozen by a mask (its u and p no longer
-change, exactly as if it had left the loop like in OpenCV), and when at most 3/4 of the pairs still
-being iterated are live, the live ones are gathered into a smaller working batch so finished pairs
-stop costing compute. The loop ends when no pair is live. This needs one device-to-host sync per
-inner iteration (the live count), which is cheap next to the iteration itself at useful batch sizes.
+How close to OpenCV (tests/test_tvl1_torch.py, benchmarks/flow_bench.py): each building block is
+OpenCV's function (median filter and gradient exactly, remap and resize to float rounding, ~1e-6 of
+the grey range), and with one scale and one warp the whole solver is 1e-7 px from OpenCV on
+average, 1.2e-6 px at most. Through `accurate`'s 5 scales x 5 warps x up to 300 iterations,
+rounding differences grow chaotically where the flow is ambiguous. On bikes.mp4 at 340x256,
+low-motion pairs (0.5-1.8 px mean flow) come out 4e-5 to 0.010 px from OpenCV's flow on average
+(99th percentile <= 0.11 px, single pixels up to 9 px); high-motion pairs (5.7-8.6 px) 0.05-0.21 px
+on average (99th percentile 0.4-2.9 px, single pixels up to 34 px). OpenCV is as far from itself
+when its input moves by +-1e-4 grey levels (8e-5 to 0.015 px and 0.04-0.17 px on average, up to 9
+and 35 px), so that is the algorithm's sensitivity to rounding, and OpenCV's answer at those
+pixels is one of several equally good ones. `fast` (2 warps, one outer iteration) leaves little
+room to grow: 4e-6 to 5e-5 px on average and 0.016 px at most (OpenCV with the noise: 2e-5 to
+2e-4 px, 0.019 px at most). The port rounds differently from OpenCV in op order (e.g. in the
+bilinear weights), in sqrt vs hypot in the dual update, and in the epsilon test: OpenCV sums the
+error in float32 pixel by pixel, the port exactly (below), so a pair can stop one iteration apart
+when its error lands within float32 rounding of epsilon.
+
+Determinism: a pair's flow does not depend on what else is in its batch, to the last bit. Every op
+is elementwise per pair except the epsilon error, which is summed in int64 fixed point (`_step`),
+because integer addition is associative and torch picks a float sum's order from the shape.
+
+Fixed batches (`tvl1`): all pairs of a batch go through the pyramid together. Epsilon stopping is
+per pair: a pair whose error has converged is frozen by a mask (its u and p no longer change,
+exactly as if it had left the loop like in OpenCV), and when at most 3/4 of the pairs still being
+iterated are live, the live ones are gathered into a smaller working batch so finished pairs stop
+costing compute. This needs one device-to-host sync per inner iteration (the live flags), cheap next
+to the iteration at useful batch sizes. But a batch still takes as many sequential steps as its
+slowest pair at every warp: a high-motion pair runs up to the 300-iteration cap per warp while a
+static one stops after 1, and on a GPU, where a step's time is mostly launch latency, the batch
+waits for it.
+
+Continuous batching (`ContinuousTVL1`, `tvl1_stream`): the unit of work is (pair, pyramid level,
+warp). Pairs at the same level size share one device batch, whatever video they come from and
+whichever warp each is at; a pair that finishes a warp leaves the batch and rejoins for the next
+warp, moves on to the next finer level's batch, or is done, and new pairs enter at the coarsest
+level. A batch is rebuilt (leavers out, waiting pairs in) once a quarter of it would change or
+after one iteration block (inner_iterations steps), so its rebuild copies stay a small share of the
+work. Each step iterates the level whose pairs have waited the most pair-steps (pairs x steps since
+it last ran): launches are as full as the pairs in flight allow, and a slow pair alone at its level
+still progresses without holding anyone up. Results are those of `tvl1`, bit for bit.
 
 Inputs are grayscale frames on the 0..255 scale (uint8, or float already in 0..255; note that
 OpenCV itself multiplies *float* input by 255, so compare with OpenCV using uint8 frames).
@@ -32,8 +66,14 @@ Parameters and presets are those of the OpenCV path (`flowprep.flow.PRESETS`), s
 
 from __future__ import annotations
 
+import collections
 import functools
+import math
+import threading
 import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -179,6 +219,19 @@ def _warp(i1_stack: torch.Tensor, u: torch.Tensor, base_x: torch.Tensor, base_y:
     return out
 
 
+def _error_fixed_point(h: int, w: int, scaled_eps: float) -> tuple[float, float]:
+    """(cap, scale) of the fixed-point epsilon error of an h x w level, see `_step`.
+
+    Each pixel's squared change is clamped to cap = 2 * scaled_eps (one such pixel already
+    decides the test, so the clamp cannot change it) and counted in units of 1 / scale, a power
+    of two with h * w * cap * scale <= 2**62: the int64 sum cannot overflow and resolves the
+    threshold to 2 * (h * w)**2 / 2**62 of itself (3e-9 at 340x256), finer than OpenCV's own
+    float32 accumulation.
+    """
+    cap = 2.0 * scaled_eps
+    return cap, 2.0 ** min(100, math.floor(math.log2(2.0**62 / (h * w * cap))))  # 2**100: float32-safe
+
+
 def _step(
     u: torch.Tensor,
     p: torch.Tensor,
@@ -189,12 +242,20 @@ def _step(
     l_t: float,
     theta: float,
     taut: float,
+    err_cap: torch.Tensor,
+    err_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One inner iteration: estimateV, divergence, estimateU (+ error), forwardGradient, estimateDualVariables.
 
     u (B,2,H,W) flow; p (B,2,2,H,W) dual variables [flow component, (x, y)]; i1w_grad (B,2,H,W) warped
     I1 gradient; grad, rho_c (B,1,H,W). Pairs with live False keep their u and p. Returns u, p and the
-    per-pair sum of squared u changes.
+    per-pair sum of squared u changes (float64, B).
+
+    Every output of a pair depends on that pair's inputs only, bit for bit, whatever else is in the
+    batch: all ops are elementwise except the error sum, which is summed in int64 fixed point
+    (`_error_fixed_point`) because integer addition is associative. A floating-point sum is not, and
+    torch picks its summation order from the tensor's shape and device, so a float error could
+    cross epsilon in one batch and not in another and stop the pair one iteration apart.
     """
     # thresholding step (estimateV)
     rho = rho_c + (i1w_grad[:, :1] * u[:, :1] + i1w_grad[:, 1:] * u[:, 1:])
@@ -210,9 +271,11 @@ def _step(
     px, py = p[:, :, 0], p[:, :, 1]
     div = (px - F.pad(px[..., :-1], (1, 0))) + (py - F.pad(py[..., :-1, :], (0, 0, 1, 0)))
 
-    # estimateU
+    # estimateU; per pixel du1^2 + du2^2 in float32 as OpenCV, summed exactly in fixed point
     u_new = v + theta * div
-    err = (u_new - u).square().sum(dim=1).flatten(1).sum(dim=1, dtype=torch.float64)
+    d2 = (u_new - u).square().sum(dim=1)
+    units = torch.floor(d2.clamp_max(err_cap) * err_scale).to(torch.int64)
+    err = units.flatten(1).sum(dim=1).to(torch.float64) / err_scale
 
     # forward gradient of u (zero on the last column / row) and the dual update
     ux = F.pad(u_new[..., 1:] - u_new[..., :-1], (0, 1))
@@ -239,44 +302,116 @@ def _kernels(compile: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# solver
+# per-level pieces shared by the fixed-batch solver and the continuous scheduler
 
 
-def _one_scale(i0, i1, u, *, tau, lambda_, theta, warps, epsilon, inner_iterations, outer_iterations,
-               median_filtering, kernels):
-    """procOneScale for a batch: returns the refined u (B,2,h,w)."""
-    b, h, w = i0.shape
-    dev = i0.device
-    step, median = kernels
-    i1x, i1y = _centered_gradient(i1)
-    i1_stack = torch.stack((i1, i1x, i1y), dim=1)
+DEFAULTS = dict(
+    tau=0.25, lambda_=0.15, theta=0.3, nscales=5, warps=5, epsilon=0.01,
+    inner_iterations=30, outer_iterations=10, scale_step=0.8, median_filtering=5,
+)  # OpenCV's DualTVL1OpticalFlow defaults (= flowprep.flow.PRESETS["accurate"])
+
+
+@dataclass
+class TVL1Stats:
+    """What a solve cost on the device, counted by `tvl1(stats=...)` and `ContinuousTVL1.stats`.
+
+    steps: batched inner iterations launched, one after the other: the latency-bound cost on a GPU.
+    slot_iterations: pair-iterations those launches computed, frozen pairs still in a batch included.
+    live_iterations: pair-iterations that were needed (the same for any batching of the same pairs).
+    pairs: pairs finished.
+    """
+
+    steps: int = 0
+    slot_iterations: int = 0
+    live_iterations: int = 0
+    pairs: int = 0
+
+
+@dataclass(frozen=True)
+class _Level:
+    """Constants of one pyramid level size, as OpenCV computes them (float32 casts included)."""
+
+    hw: tuple[int, int]
+    base_x: torch.Tensor
+    base_y: torch.Tensor
+    l_t: float
+    taut: float
+    theta: float
+    scaled_eps: float
+    err_cap: torch.Tensor  # 0-dim float32: a Python float would make torch.compile specialize per level
+    err_scale: torch.Tensor
+
+
+def _level(hw: tuple[int, int], device, tau: float, lambda_: float, theta: float, epsilon: float) -> _Level:
+    h, w = hw
     base_y, base_x = torch.meshgrid(
-        torch.arange(h, device=dev, dtype=torch.float32), torch.arange(w, device=dev, dtype=torch.float32), indexing="ij"
+        torch.arange(h, device=device, dtype=torch.float32), torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
     )
-    p = torch.zeros(b, 2, 2, h, w, device=dev, dtype=torch.float32)
-    # OpenCV casts these to float32 before use
-    l_t = float(np.float32(lambda_ * theta))
-    taut = float(np.float32(tau / theta))
-    theta32 = float(np.float32(theta))
     scaled_eps = float(np.float32(epsilon * epsilon * h * w))
+    cap, scale = (torch.tensor(v, dtype=torch.float32, device=device) for v in _error_fixed_point(h, w, scaled_eps))
+    return _Level(hw, base_x, base_y, float(np.float32(lambda_ * theta)), float(np.float32(tau / theta)),
+                  float(np.float32(theta)), scaled_eps, cap, scale)
+
+
+def _gradient_stack(i1: torch.Tensor) -> torch.Tensor:
+    """(B,3,h,w): I1 and its centered gradient, the three images each warp remaps."""
+    i1x, i1y = _centered_gradient(i1)
+    return torch.stack((i1, i1x, i1y), dim=1)
+
+
+def _warp_terms(i1_stack, i0, u, lv: _Level) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Start of a warp (remap + calcGradRho): warped I1 gradient (B,2,h,w), |grad|^2 and rho_c (B,1,h,w)."""
+    warped = _warp(i1_stack, u, lv.base_x, lv.base_y)
+    # a fresh tensor: the compiled step guards on strides, and gathered batches have these
+    i1w, i1w_grad = warped[:, :1], torch.stack((warped[:, 1], warped[:, 2]), dim=1)
+    grad = i1w_grad.square().sum(dim=1, keepdim=True)
+    rho_c = i1w - (i1w_grad[:, :1] * u[:, :1]) - (i1w_grad[:, 1:] * u[:, 1:]) - i0[:, None]
+    return i1w_grad, grad, rho_c
+
+
+def _pyramid(img: torch.Tensor, sizes: list[tuple[int, int]], scale_step: float) -> list[torch.Tensor]:
+    out = [img]
+    for hw in sizes[1:]:
+        out.append(_resize_linear(out[-1], hw, (1 / scale_step, 1 / scale_step)))
+    return out
+
+
+def _upsample_flow(u: torch.Tensor, hw: tuple[int, int], scale_step: float) -> torch.Tensor:
+    """u of one level to the next finer level `hw`: bilinear resize to the size, times 1 / scale_step."""
+    (h, w), (fh, fw) = u.shape[-2:], hw
+    return _resize_linear(u, (fh, fw), (h / fh, w / fw)) * float(1 / scale_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed batches: all pairs of a batch go through the pyramid together
+
+
+def _one_scale(i0, i1, u, lv: _Level, *, warps, inner_iterations, outer_iterations, median_filtering, kernels,
+               stats: TVL1Stats):
+    """procOneScale for a batch: returns the refined u (B,2,h,w)."""
+    b = i0.shape[0]
+    step, median = kernels
+    i1_stack = _gradient_stack(i1)
+    p = torch.zeros(b, 2, 2, *lv.hw, device=i0.device, dtype=torch.float32)
 
     for _ in range(warps):
-        warped = _warp(i1_stack, u, base_x, base_y)
-        i1w, i1w_grad = warped[:, :1], warped[:, 1:]
-        grad = i1w_grad.square().sum(dim=1, keepdim=True)
-        rho_c = i1w - (i1w_grad[:, :1] * u[:, :1]) - (i1w_grad[:, 1:] * u[:, 1:]) - i0[:, None]
+        i1w_grad, grad, rho_c = _warp_terms(i1_stack, i0, u, lv)
 
         # working set: indices into the batch, and the tensors the iterations touch
         idx = None
         wu, wp, wg, wgrad, wrho = u, p, i1w_grad, grad, rho_c
-        live = torch.ones(b, dtype=torch.bool, device=dev)
+        live = torch.ones(b, dtype=torch.bool, device=i0.device)
         n_live = b
         for _outer in range(outer_iterations):
             if median_filtering > 1:
                 wu = torch.where(live.view(-1, 1, 1, 1), median(wu, median_filtering), wu)
             for _inner in range(inner_iterations):
-                wu, wp, err = step(wu, wp, wg, wgrad, wrho, live, l_t, theta32, taut)
-                live = live & (err > scaled_eps)
+                wu, wp, err = step(wu, wp, wg, wgrad, wrho, live, lv.l_t, lv.theta, lv.taut, lv.err_cap, lv.err_scale)
+                stats.steps += 1
+                stats.slot_iterations += live.numel()
+                stats.live_iterations += n_live
+                live = live & (err > lv.scaled_eps)
                 n_live = int(live.sum())  # the one host sync per iteration
                 if n_live == 0:
                     break
@@ -311,6 +446,9 @@ def _pyramid_sizes(h: int, w: int, nscales: int, scale_step: float) -> list[tupl
 
 
 def _check_params(p: dict) -> None:
+    unknown = sorted(set(p) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown TV-L1 parameter(s) {unknown}; the parameters are {sorted(DEFAULTS)}")
     for name in ("tau", "lambda_", "theta", "epsilon"):
         if not p[name] > 0:
             raise ValueError(f"TV-L1 parameter {name} must be > 0, got {p[name]!r}")
@@ -322,6 +460,21 @@ def _check_params(p: dict) -> None:
     m = p["median_filtering"]
     if int(m) != m or m < 0 or (m > 1 and m % 2 == 0):
         raise ValueError(f"TV-L1 parameter median_filtering must be 0, 1 (off) or an odd kernel size, got {m!r}")
+
+
+def _check_frames(prev, next, what: str, batch: bool) -> None:
+    if not isinstance(prev, torch.Tensor) or not isinstance(next, torch.Tensor):
+        raise ValueError(f"{what} expects torch tensors, got {type(prev).__name__} and {type(next).__name__}")
+    if prev.shape != next.shape:
+        raise ValueError(f"{what}: prev and next must have the same shape, got {tuple(prev.shape)} and {tuple(next.shape)}")
+    ndims, shape = ((2, 3), "(H,W) or (B,H,W)") if batch else ((2,), "(H,W)")
+    if prev.ndim not in ndims or min(prev.shape[-2:]) < 8 or prev.numel() == 0:
+        raise ValueError(
+            f"{what}: frames must be grayscale {shape} with H, W >= 8{' and B >= 1' if batch else ''},"
+            f" got shape {tuple(prev.shape)} (convert color frames to gray first)"
+        )
+    if prev.device != next.device:
+        raise ValueError(f"{what}: prev is on {prev.device} but next is on {next.device}")
 
 
 def tvl1(
@@ -339,29 +492,25 @@ def tvl1(
     scale_step: float = 0.8,
     median_filtering: int = 5,
     compile: bool | None = None,
+    stats: TVL1Stats | None = None,
 ) -> torch.Tensor:
     """TV-L1 flow from `prev` to `next`, like `cv2.optflow.DualTVL1OpticalFlow_create(...).calc`.
 
     prev, next: (B,H,W) or (H,W) grayscale, uint8 or float on the 0..255 scale, same shape and device.
     Returns float32 flow (B,2,H,W) or (2,H,W) on that device, channel 0 = dx, 1 = dy, such that
-    prev(y, x) ~ next(y + dy, x + dx).
+    prev(y, x) ~ next(y + dy, x + dx). The batch is solved as one fixed batch (see `ContinuousTVL1`
+    for a stream of pairs); each pair's flow is the same, bit for bit, as solving it alone.
     compile: torch.compile the inner iteration; None means only on CUDA (first call pays the compile).
+    stats: a TVL1Stats to add this solve's iteration counts to.
     """
-    if not isinstance(prev, torch.Tensor) or not isinstance(next, torch.Tensor):
-        raise ValueError(f"tvl1 expects torch tensors, got {type(prev).__name__} and {type(next).__name__}")
-    if prev.shape != next.shape:
-        raise ValueError(f"tvl1: prev and next must have the same shape, got {tuple(prev.shape)} and {tuple(next.shape)}")
-    if prev.ndim not in (2, 3) or min(prev.shape[-2:]) < 8 or prev.numel() == 0:
-        raise ValueError(
-            f"tvl1: frames must be grayscale (H,W) or (B,H,W) with H, W >= 8 and B >= 1, got shape {tuple(prev.shape)}"
-            " (convert color frames to gray first)"
-        )
-    if prev.device != next.device:
-        raise ValueError(f"tvl1: prev is on {prev.device} but next is on {next.device}")
-    params = dict(tau=tau, lambda_=lambda_, theta=theta, warps=warps, epsilon=epsilon,
-                  inner_iterations=inner_iterations, outer_iterations=outer_iterations,
+    _check_frames(prev, next, "tvl1", batch=True)
+    params = dict(tau=tau, lambda_=lambda_, theta=theta, nscales=nscales, warps=warps, epsilon=epsilon,
+                  inner_iterations=inner_iterations, outer_iterations=outer_iterations, scale_step=scale_step,
                   median_filtering=median_filtering)
-    _check_params(dict(params, nscales=nscales, scale_step=scale_step))
+    _check_params(params)
+    loop = dict(warps=warps, inner_iterations=inner_iterations, outer_iterations=outer_iterations,
+                median_filtering=median_filtering)
+    stats = stats if stats is not None else TVL1Stats()
 
     single = prev.ndim == 2
     i0 = prev.reshape(-1, *prev.shape[-2:]).to(torch.float32)
@@ -372,25 +521,354 @@ def tvl1(
 
     with torch.no_grad():
         sizes = _pyramid_sizes(*i0.shape[-2:], nscales, scale_step)
-        i0s, i1s = [i0], [i1]
-        for hw in sizes[1:]:
-            i0s.append(_resize_linear(i0s[-1], hw, (1 / scale_step, 1 / scale_step)))
-            i1s.append(_resize_linear(i1s[-1], hw, (1 / scale_step, 1 / scale_step)))
-
+        i0s, i1s = _pyramid(i0, sizes, scale_step), _pyramid(i1, sizes, scale_step)
         u = torch.zeros(i0.shape[0], 2, *sizes[-1], device=i0.device, dtype=torch.float32)
         for s in range(len(sizes) - 1, -1, -1):
+            lv = _level(sizes[s], i0.device, tau, lambda_, theta, epsilon)
             try:
-                u = _one_scale(i0s[s], i1s[s], u, kernels=kernels, **params)
+                u_s = _one_scale(i0s[s], i1s[s], u, lv, kernels=kernels, stats=stats, **loop)
             except Exception as e:  # a broken compiler toolchain must not stop flow extraction
                 if not compile:
                     raise
-                warnings.warn(f"torch.compile of the TV-L1 iteration failed ({e!r}); using eager mode", RuntimeWarning)
+                _warn_compile(e)
                 compile, kernels = False, _kernels(False)
-                u = _one_scale(i0s[s], i1s[s], u, kernels=kernels, **params)
-            if s > 0:
-                (h, w), (fh, fw) = sizes[s], sizes[s - 1]
-                u = _resize_linear(u, (fh, fw), (h / fh, w / fw)) * float(1 / scale_step)
+                u_s = _one_scale(i0s[s], i1s[s], u, lv, kernels=kernels, stats=stats, **loop)
+            u = _upsample_flow(u_s, sizes[s - 1], scale_step) if s > 0 else u_s
+    stats.pairs += i0.shape[0]
     return u[0] if single else u
+
+
+def _warn_compile(e: Exception) -> None:
+    warnings.warn(f"torch.compile of the TV-L1 iteration failed ({e!r}); using eager mode", RuntimeWarning)
+
+
+# ---------------------------------------------------------------------------------------------
+# continuous batching: pairs enter and leave the device batches one by one
+
+
+class _Pair:
+    """One submitted pair's progress: pyramid, position (level, warp, outer, inner) and state."""
+
+    __slots__ = ("seq", "future", "sizes", "i0s", "i1s", "level", "warp", "outer", "inner", "entering",
+                 "u", "p", "stack")
+
+    def __init__(self, seq: int, future: Future, prev: torch.Tensor, next: torch.Tensor):
+        self.seq, self.future = seq, future
+        self.i0s, self.i1s = prev, next  # full-size frames until admitted, then the pyramids
+        self.sizes: list = []
+        self.level = self.warp = self.outer = self.inner = 0
+        self.entering = True  # needs the level's gradient stack (and its u from the coarser level)
+        self.u = self.p = self.stack = None
+
+
+class _Group:
+    """The pairs at one level size: a device batch (slots) and the pairs waiting to join it."""
+
+    def __init__(self, lv: _Level, now: int):
+        self.lv = lv
+        self.slots: list[_Pair] = []
+        self.live: list[bool] = []
+        self.pending: list[_Pair] = []
+        self.tensors: tuple | None = None  # u, p, i1w_grad, grad, rho_c of the slots
+        self.live_mask: torch.Tensor | None = None
+        self.since_rebuild = 0
+        self.last_run = now  # stats.steps when it last ran (or was created)
+
+    @property
+    def n_live(self) -> int:
+        return sum(self.live)
+
+
+class ContinuousTVL1:
+    """TV-L1 for a stream of frame pairs on one device, batched continuously (module docstring).
+
+    `submit(prev, next)` returns a `concurrent.futures.Future` of the (2,H,W) float32 flow on the
+    device; `step()` runs one batched inner iteration (False when there is nothing to do) and `run()`
+    steps until every submitted pair is done. Each pair's flow is bit for bit `tvl1(prev, next)`'s.
+    Any thread may submit; one thread at a time may step (the FlowService actor's worker thread).
+
+    batch_size: most pairs in one launch. max_pairs: most pairs on the device at once, spread over
+    the pyramid levels (default 4 * batch_size, so each level size usually has a full launch's
+    worth); their pyramids and state are what takes device memory. Submitted pairs beyond it wait
+    on the host, in order.
+    """
+
+    def __init__(self, batch_size: int = 32, device: str | torch.device = "cpu", *, max_pairs: int | None = None,
+                 compile: bool | None = None, **params):
+        p = dict(DEFAULTS, **params)
+        _check_params(p)
+        max_pairs = 4 * batch_size if max_pairs is None else max_pairs
+        for name, v in (("batch_size", batch_size), ("max_pairs", max_pairs)):
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"ContinuousTVL1: {name} must be an integer >= 1, got {v!r}")
+        self.batch_size, self.max_pairs = int(batch_size), int(max_pairs)
+        self.device = torch.device(device)
+        self.params = p
+        self._compile = self.device.type == "cuda" if compile is None else compile
+        self._kernels = _kernels(self._compile)
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[_Pair] = collections.deque()
+        self._seq = 0
+        self._active: list[_Pair] = []
+        self._groups: dict[tuple[int, int], _Group] = {}
+        self.stats = TVL1Stats()
+
+    # ----- public
+
+    def submit(self, prev: torch.Tensor | np.ndarray, next: torch.Tensor | np.ndarray) -> Future:
+        """Queue one (H,W) grayscale pair (uint8 or float on 0..255, any device); returns its Future."""
+        prev, next = (torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x for x in (prev, next))
+        _check_frames(prev, next, "ContinuousTVL1.submit", batch=False)
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            self._waiting.append(_Pair(self._seq, future, prev, next))
+            self._seq += 1
+        return future
+
+    def in_flight(self) -> int:
+        """Pairs submitted and not finished yet (waiting or on the device)."""
+        with self._lock:
+            return len(self._waiting) + len(self._active)
+
+    def step(self) -> bool:
+        """One batched inner iteration of the group chosen next; False when no pair is in flight."""
+        with torch.no_grad():
+            self._admit()
+            while self._active:
+                g = self._choose()
+                if self._needs_rebuild(g):
+                    self._rebuild(g)
+                if g.n_live:
+                    self._iterate(g)
+                    return True
+            return False
+
+    def run(self) -> None:
+        """Step until every submitted pair is done."""
+        while self.step():
+            pass
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail every pair in flight with `exc` and forget them (after `step` raised, e.g. out of memory)."""
+        with self._lock:
+            pairs = list(self._waiting) + self._active
+            self._waiting.clear()
+            self._active = []
+        self._groups.clear()
+        for q in pairs:
+            if not q.future.done():
+                q.future.set_exception(exc)
+
+    # ----- scheduling
+
+    def _group(self, hw: tuple[int, int]) -> _Group:
+        g = self._groups.get(hw)
+        if g is None:
+            p = self.params
+            g = self._groups[hw] = _Group(_level(hw, self.device, p["tau"], p["lambda_"], p["theta"], p["epsilon"]),
+                                          self.stats.steps)
+        return g
+
+    def _admit(self) -> None:
+        """Waiting pairs take the free places, entering at their coarsest level."""
+        with self._lock:
+            new = []
+            while self._waiting and len(self._active) + len(new) < self.max_pairs:
+                new.append(self._waiting.popleft())
+            self._active += new
+        p = self.params
+        by_size: dict = {}
+        for q in new:
+            by_size.setdefault(tuple(q.i0s.shape), []).append(q)
+        for (h, w), qs in by_size.items():  # one batched pyramid per frame size
+            sizes = _pyramid_sizes(h, w, p["nscales"], p["scale_step"])
+            i0 = torch.stack([q.i0s.to(self.device) for q in qs]).to(torch.float32)
+            i1 = torch.stack([q.i1s.to(self.device) for q in qs]).to(torch.float32)
+            i0s, i1s = _pyramid(i0, sizes, p["scale_step"]), _pyramid(i1, sizes, p["scale_step"])
+            for j, q in enumerate(qs):
+                q.sizes = sizes
+                q.i0s, q.i1s = [t[j] for t in i0s], [t[j] for t in i1s]
+                q.level = len(sizes) - 1
+                q.u = torch.zeros(2, *sizes[-1], device=self.device, dtype=torch.float32)
+                self._group(sizes[-1]).pending.append(q)
+
+    def _choose(self) -> _Group:
+        """The group to iterate: the one whose pairs have waited the most pair-steps since it last ran
+        (its pairs in flight x steps since then). Big groups run most often, in full launches, and a
+        small group (a slow pair alone at its level) still runs in proportion, so it neither holds
+        the others up nor is left for the end. Ties go to the finer level (closer to done)."""
+        now = self.stats.steps
+        best, key = None, None
+        for hw, g in list(self._groups.items()):
+            n = g.n_live + len(g.pending)
+            if n == 0:  # every slot finished its warp and went elsewhere: free the batch
+                del self._groups[hw]
+                continue
+            k = (n * (now - g.last_run + 1), hw[0] * hw[1])
+            if key is None or k > key:
+                best, key = g, k
+        assert best is not None, "pairs in flight but in no group"
+        return best
+
+    def _needs_rebuild(self, g: _Group) -> bool:
+        """Rebuild the device batch when a quarter of it would change, when no slot is live, or
+        when pairs have waited one iteration block (inner_iterations steps of this group) to join."""
+        n_live = g.n_live
+        join = min(len(g.pending), self.batch_size - n_live)
+        churn = len(g.slots) - n_live + join
+        if not churn:
+            return False
+        return (n_live == 0 or 4 * churn >= max(len(g.slots), n_live + join)
+                or g.since_rebuild >= self.params["inner_iterations"])
+
+    def _rebuild(self, g: _Group) -> None:
+        """New device batch for `g`: its live slots, then the oldest pending pairs that fit (entered and warped)."""
+        p, lv, dev = self.params, g.lv, self.device
+        keep = [i for i, live in enumerate(g.live) if live]
+        g.pending.sort(key=lambda q: q.seq)
+        room = self.batch_size - len(keep)
+        join, g.pending = g.pending[:room], g.pending[room:]
+        # level entry: the level's gradient stack, u from the coarser level, p back to zero
+        entering: dict = {}
+        for q in join:
+            if q.entering:
+                entering.setdefault(tuple(q.u.shape[-2:]), []).append(q)
+        for src_hw, qs in entering.items():
+            stack = _gradient_stack(torch.stack([q.i1s[q.level] for q in qs]))
+            u = torch.stack([q.u for q in qs])
+            if src_hw != lv.hw:
+                u = _upsample_flow(u, lv.hw, p["scale_step"])
+            for j, q in enumerate(qs):
+                q.stack, q.u, q.entering = stack[j], u[j], False
+                q.p = torch.zeros(2, 2, *lv.hw, device=dev, dtype=torch.float32)
+                q.i1s[q.level] = None  # in the stack now
+                if q.level + 1 < len(q.sizes):
+                    q.i0s[q.level + 1] = q.i1s[q.level + 1] = None
+        parts = []
+        if keep:
+            if len(keep) == len(g.slots):
+                parts.append(g.tensors)
+            else:
+                idx = torch.tensor(keep, device=dev)
+                parts.append(tuple(t.index_select(0, idx) for t in g.tensors))
+        if join:
+            u = torch.stack([q.u for q in join])
+            stack, i0 = torch.stack([q.stack for q in join]), torch.stack([q.i0s[q.level] for q in join])
+            wg, grad, rho = _warp_terms(stack, i0, u, lv)
+            parts.append((u, torch.stack([q.p for q in join]), wg, grad, rho))
+            for q in join:
+                q.u = q.p = None  # the batch holds them now
+        g.slots = [g.slots[i] for i in keep] + join
+        g.live = [True] * len(g.slots)
+        g.tensors = tuple(torch.cat(ts) for ts in zip(*parts)) if len(parts) > 1 else (parts[0] if parts else None)
+        g.live_mask = torch.ones(len(g.slots), dtype=torch.bool, device=dev)
+        g.since_rebuild = 0
+        if not g.slots and not g.pending:
+            del self._groups[lv.hw]
+
+    def _iterate(self, g: _Group) -> None:
+        """One inner iteration of g's batch, then each pair's counters; finished warps leave the batch."""
+        p, lv = self.params, g.lv
+        wg, grad, rho = g.tensors[2:]
+        # the median filter opens each of a pair's outer iterations
+        need = [i for i, (q, live) in enumerate(zip(g.slots, g.live)) if live and q.inner == 0]
+        try:
+            u, pp, err = self._kernel_step(g, need)
+        except Exception as e:  # a broken compiler toolchain must not stop flow extraction
+            if not self._compile:
+                raise
+            _warn_compile(e)
+            self._compile, self._kernels = False, _kernels(False)
+            u, pp, err = self._kernel_step(g, need)
+        g.tensors = (u, pp, wg, grad, rho)
+        converged = (err <= lv.scaled_eps).tolist()  # the one host sync per iteration
+        st = self.stats
+        n_live = g.n_live
+        st.steps += 1
+        st.slot_iterations += len(g.slots)
+        st.live_iterations += n_live
+        g.since_rebuild += 1
+        g.last_run = st.steps
+        left = False
+        for i, q in enumerate(g.slots):
+            if not g.live[i]:
+                continue
+            if not converged[i]:
+                q.inner += 1
+                if q.inner == p["inner_iterations"]:
+                    q.inner, q.outer = 0, q.outer + 1
+                if q.outer < p["outer_iterations"]:
+                    continue
+            g.live[i] = False
+            self._leave(q, g, i)
+            left = True
+        if left:
+            g.live_mask = torch.tensor(g.live, dtype=torch.bool, device=self.device)
+
+    def _kernel_step(self, g: _Group, need: list[int]):
+        """Median filter of the slots in `need`, then the batched inner iteration (pure: no state changes)."""
+        step, median = self._kernels
+        lv, k = g.lv, self.params["median_filtering"]
+        u, pp, wg, grad, rho = g.tensors
+        if k > 1 and need:
+            if len(need) == u.shape[0]:
+                u = median(u, k)
+            else:
+                idx = torch.tensor(need, device=u.device)
+                u = u.index_copy(0, idx, median(u.index_select(0, idx), k))
+        return step(u, pp, wg, grad, rho, g.live_mask, lv.l_t, lv.theta, lv.taut, lv.err_cap, lv.err_scale)
+
+    def _leave(self, q: _Pair, g: _Group, i: int) -> None:
+        """Pair q finished a warp in slot i of g: next warp, next level, or done."""
+        u, pp = g.tensors[0][i], g.tensors[1][i]
+        q.warp += 1
+        q.outer = q.inner = 0
+        if q.warp < self.params["warps"]:
+            q.u, q.p = u.clone(), pp.clone()
+            g.pending.append(q)
+        elif q.level > 0:
+            q.u, q.warp, q.level, q.entering = u.clone(), 0, q.level - 1, True
+            q.stack = q.p = None
+            self._group(q.sizes[q.level]).pending.append(q)
+        else:
+            flow = u.clone()
+            with self._lock:
+                self._active.remove(q)
+            self.stats.pairs += 1
+            q.i0s = q.i1s = q.stack = None
+            q.future.set_result(flow)
+
+
+def tvl1_stream(pairs: Iterable, batch_size: int = 32, *, device: str | torch.device = "cpu",
+                max_pairs: int | None = None, compile: bool | None = None,
+                **params) -> Iterator[tuple[int, torch.Tensor]]:
+    """Flow for an iterable of (prev, next) frame pairs, yielding (index, (2,H,W) flow) as pairs finish.
+
+    Continuous batching (`ContinuousTVL1`): a pair that converges early is yielded early and its place
+    goes to the next pair, so one slow pair holds up nobody. Pairs are read lazily, at most
+    max_pairs + batch_size ahead of the ones yielded (enough to keep the device full).
+    """
+    solver = ContinuousTVL1(batch_size, device, max_pairs=max_pairs, compile=compile, **params)
+    it = iter(enumerate(pairs))
+    finished: collections.deque = collections.deque()
+    exhausted, in_flight = False, 0
+    while True:
+        while not exhausted and in_flight < solver.max_pairs + batch_size:
+            try:
+                i, (a, b) = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            solver.submit(a, b).add_done_callback(lambda f, i=i: finished.append((i, f)))
+            in_flight += 1
+        if not in_flight:
+            return
+        solver.step()
+        while finished:
+            i, f = finished.popleft()
+            in_flight -= 1
+            yield i, f.result()
 
 
 def calc_flow_numpy(prev_gray: np.ndarray, next_gray: np.ndarray, *, device: str | torch.device = "cpu",

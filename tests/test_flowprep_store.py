@@ -79,3 +79,32 @@ def test_manifest_last_record_wins_and_list_file(tmp_path):
     path = write_list_file(tmp_path, recs.values())
     assert path.read_text() == "a/v1 5 0\nb/v2 7 1\n"
     assert json.loads((tmp_path / "manifest.jsonl").read_text().splitlines()[0])["id"] == "b/v2"
+
+
+@pytest.mark.parametrize("vid", ["../outside", "a/../../x", "/abs/v", "a/.hidden", "with space", "new\nline", ""])
+@pytest.mark.parametrize("fmt", ["jpeg", "hdf5"])
+def test_ids_outside_the_store_are_refused_by_every_writer_and_reader(tmp_path, fmt, vid):
+    """Defence in depth: whatever the caller checked, a video id never reaches outside the store."""
+    root = tmp_path / "store"
+    write_store_info(root, {"format": fmt})
+    with pytest.raises(StoreError, match="cannot be a video id"):
+        open_writer(fmt, root, vid)
+    with pytest.raises(StoreError, match="cannot be a video id"):
+        Store(root).open(vid)
+    assert "cannot be a video id" in Store(root).check(vid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "hdf5"])
+@pytest.mark.parametrize("rgb", [True, False])
+def test_checksums_of_every_frame(tmp_path, fmt, rgb):
+    import zlib
+
+    write_store_info(tmp_path, {"format": fmt})
+    fill(tmp_path, "v", fmt, rgb=rgb)
+    with Store(tmp_path).open("v") as v:
+        crc = v.checksums()
+        assert len(crc["img"]) == (4 if rgb else 0) and len(crc["flow_x"]) == len(crc["flow_y"]) == 3
+        assert [zlib.crc32(v.frame_bytes("flow_y", i)) for i in range(3)] == crc["flow_y"]
+        if rgb:
+            assert [zlib.crc32(v.rgb_bytes(i)) for i in range(4)] == crc["img"]

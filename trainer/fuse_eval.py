@@ -181,7 +181,9 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
             val_acc[name] = metrics(val_s.scores, val_s.labels, len(val_s.class_names))["top1"]
     candidates = [m for m in results if m not in streams]
     best = max(candidates, key=lambda m: (val_acc.get(m, -1), -candidates.index(m))) if val_acc else None
-    report_params = {m: _describe({k: v for k, v in p.items() if not isinstance(v, np.ndarray) or v.size <= 64})
+    # The report shows what each fit chose and on what; the fitted arrays themselves are in fusion.pt.
+    report_params = {m: _describe({k: v for k, v in p.items() if k not in ("state", "module")
+                                   and (not isinstance(v, np.ndarray) or v.size <= 64)})
                      for m, p in params.items() if p}
     t0 = test[0]
     report = build_report(results, t0.labels, t0.class_names, t0.video_ids, report_params, streams=streams,

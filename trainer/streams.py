@@ -107,8 +107,9 @@ def _load_trajectory(reader, start: int, length: int) -> np.ndarray:
 def _imagenet(x, frames: int):
     """uint8 NxCxHxW of `frames` RGB frames stacked on C -> float, ImageNet mean/std per colour."""
     x = x.float()
-    mean = x.new_tensor(IMAGENET_MEAN).mul_(255).repeat(frames).view(1, -1, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).mul_(255).repeat(frames).view(1, -1, 1, 1)
+    # Out of place: a traced export keeps these as constants, and mul_ would scale them on every call.
+    mean = (x.new_tensor(IMAGENET_MEAN) * 255).repeat(frames).view(1, -1, 1, 1)
+    std = (x.new_tensor(IMAGENET_STD) * 255).repeat(frames).view(1, -1, 1, 1)
     return (x - mean) / std
 
 

@@ -24,12 +24,26 @@ def setup_logging(verbosity: int = 0) -> None:
     """-q (-1): warnings and errors only; default (0): progress and notes; -v (1+): debug detail."""
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     root = logging.getLogger()
-    if not any(getattr(h, "_twostream", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._twostream = True
         root.addHandler(handler)
     root.setLevel(level)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it between commands)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _duration(seconds: float) -> str:

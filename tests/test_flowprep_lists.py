@@ -1,0 +1,137 @@
+"""List files for MMAction2: labels from the official class index when --splits is given, per-split and
+per-modality rawframe lists, flow lists counting n-1, and every file MMAction2's naming opens exists."""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flowprep.cli import main
+from videos import write_moving_video
+
+FAST = ["--backend", "joblib", "--workers", "2", "--size", "64x48", "--preset", "fast"]
+# As in UCF-101's classInd.txt, where a case-sensitive sort would swap each pair.
+UCF_CLASSES = ["Hammering", "HammerThrow", "JumpingJack", "JumpRope"]
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def ucf(tmp_path_factory):
+    videos = tmp_path_factory.mktemp("ucf")
+    ids = []
+    for k, cls in enumerate(UCF_CLASSES):
+        for g in (1, 2):
+            vid = f"{cls}/v_{cls}_g{g:02d}_c01"
+            write_moving_video(videos / f"{vid}.avi", n=4 + k, seed=k)
+            ids.append(vid)
+    splits = videos / "ucfTrainTestlist"
+    splits.mkdir()
+    # classInd's own order (1-based), given out of alphabetical order on purpose.
+    (splits / "classInd.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(UCF_CLASSES, 1)))
+    (splits / "trainlist01.txt").write_text("".join(f"{v}.avi {UCF_CLASSES.index(v.split('/')[0]) + 1}\n"
+                                                    for v in ids if "_g01_" in v))
+    (splits / "testlist01.txt").write_text("".join(f"{v}.avi\n" for v in ids if "_g02_" in v))
+    out = tmp_path_factory.mktemp("store") / "ucf101"
+    r = cli("extract", "--videos", videos, "--out", out, "--splits", splits, *FAST)
+    assert r.exit_code == 0, r.output
+    return videos, out, ids
+
+
+def rows(path: Path) -> list[tuple[str, int, int]]:
+    return [(d, int(n), int(lab)) for d, n, lab in (line.split() for line in path.read_text().splitlines())]
+
+
+def test_labels_follow_classind_not_a_case_sensitive_sort(ucf):
+    _, out, ids = ucf
+    labels = {d.split("/")[0]: lab for d, _, lab in rows(out / "videos.txt")}
+    assert labels == {c: i for i, c in enumerate(UCF_CLASSES)}
+    info = json.loads((out / "store.json").read_text())
+    assert info["labels_from"].endswith("classInd.txt") and info["classes"] == UCF_CLASSES
+
+
+def test_split_lists_per_modality(ucf):
+    _, out, ids = ucf
+    train = rows(out / "lists" / "ucf101_rgb_split1_train.txt")
+    test = rows(out / "lists" / "ucf101_flow_split1_test.txt")
+    assert [d for d, _, _ in train] == sorted(v for v in ids if "_g01_" in v)
+    assert [d for d, _, _ in test] == sorted(v for v in ids if "_g02_" in v)
+    for d, n, lab in train:
+        assert n == 4 + lab  # RGB: every frame
+    for d, n, lab in test:
+        assert n == 4 + lab - 1  # flow: n frames give n-1 flows
+    assert sorted((out / "lists").iterdir()) == sorted(out / "lists" / name for name in [
+        "rgb.txt", "flow.txt", "ucf101_rgb_split1_train.txt", "ucf101_rgb_split1_test.txt",
+        "ucf101_flow_split1_train.txt", "ucf101_flow_split1_test.txt"])
+
+
+def test_every_file_mmaction2_would_open_exists(ucf):
+    _, out, ids = ucf
+    mm = json.loads((out / "store.json").read_text())["mmaction2"]
+    assert mm["rgb"]["filename_tmpl"] == "img_{:05}.jpg" and mm["flow"]["filename_tmpl"] == "flow_{}_{:05d}.jpg"
+    flow = rows(out / "lists" / "flow.txt")
+    rgb = rows(out / "lists" / "rgb.txt")
+    assert len(flow) == len(rgb) == len(ids)
+    for (d, n, _), (d2, n2, _) in zip(rgb, flow):
+        assert d == d2 and n2 == n - 1
+    for lst, kind, dirs in (("rgb", "rgb", rgb), ("flow", "flow", flow)):
+        tmpl, start = mm[kind]["filename_tmpl"], mm[kind]["start_index"]
+        for d, n, _ in dirs:
+            for i in range(start, start + n):
+                names = [tmpl.format(i)] if kind == "rgb" else [tmpl.format("x", i), tmpl.format("y", i)]
+                for name in names:
+                    assert (out / d / name).is_file(), (d, name)
+            # one past the end does not exist: the count is exact
+            beyond = tmpl.format(start + n) if kind == "rgb" else tmpl.format("x", start + n)
+            assert not (out / d / beyond).exists()
+
+
+def test_rerun_without_splits_keeps_the_official_labels(ucf):
+    videos, out, _ = ucf
+    before = (out / "videos.txt").read_text()
+    r = cli("extract", "--videos", videos, "--out", out, *FAST)  # the splits folder is recorded in store.json
+    assert r.exit_code == 0 and "0 extracted" in r.output, r.output
+    assert (out / "videos.txt").read_text() == before
+    assert (out / "lists" / "ucf101_flow_split1_test.txt").is_file()
+
+
+def test_without_splits_labels_are_sorted_names(tmp_path):
+    write_moving_video(tmp_path / "v" / "b" / "x.avi", n=3)
+    write_moving_video(tmp_path / "v" / "A" / "y.avi", n=3)
+    out = tmp_path / "out"
+    assert cli("extract", "--videos", tmp_path / "v", "--out", out, *FAST).exit_code == 0
+    assert (out / "videos.txt").read_text() == "A/y 3 0\nb/x 3 1\n"
+    assert (out / "lists" / "flow.txt").read_text() == "A/y 2 0\nb/x 2 1\n"
+    info = json.loads((out / "store.json").read_text())
+    assert info["labels_from"] == "sorted class names" and info["classes"] == ["A", "b"]
+    assert sorted(p.name for p in (out / "lists").iterdir()) == ["flow.txt", "rgb.txt"]
+
+
+def test_hmdb51_split_folder(tmp_path):
+    videos = tmp_path / "hmdb"
+    for cls in ("wave", "brush_hair"):
+        for k in (1, 2):
+            write_moving_video(videos / cls / f"{cls}_{k}.avi", n=3)
+    splits = tmp_path / "testTrainMulti_7030_splits"
+    splits.mkdir()
+    for cls in ("wave", "brush_hair"):
+        (splits / f"{cls}_test_split1.txt").write_text(f"{cls}_1.avi 1\n{cls}_2.avi 2\n")
+    out = tmp_path / "out"
+    r = cli("extract", "--videos", videos, "--out", out, "--splits", splits, *FAST)
+    assert r.exit_code == 0, r.output
+    assert rows(out / "lists" / "hmdb51_flow_split1_train.txt") == [("brush_hair/brush_hair_1", 2, 0),
+                                                                   ("wave/wave_1", 2, 1)]
+    assert rows(out / "lists" / "hmdb51_rgb_split1_test.txt") == [("brush_hair/brush_hair_2", 3, 0),
+                                                                 ("wave/wave_2", 3, 1)]
+
+
+def test_bad_splits_folder_is_a_usage_error(tmp_path):
+    write_moving_video(tmp_path / "v" / "a" / "x.avi", n=3)
+    (tmp_path / "empty").mkdir()
+    r = cli("extract", "--videos", tmp_path / "v", "--out", tmp_path / "o", "--splits", tmp_path / "empty", *FAST)
+    assert r.exit_code == 2 and "classInd.txt" in r.output and "_test_split" in r.output, r.output
