@@ -162,6 +162,7 @@ def _list(root, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_flow_service_path_matches_per_process_flow(videos, ray_cluster, tmp_path):
     """--device cuda on Ray sends every task's frame pairs to one FlowService actor per GPU; run here
     with the torch TV-L1 on the CPU, it must write exactly what per-process torch flow writes."""

@@ -17,6 +17,7 @@ def accuracy(s) -> float:
     return float((s.scores.argmax(1) == s.labels).mean())
 
 
+@pytest.mark.slow
 def test_temporal_stream_learns_up_vs_down_and_spatial_cannot(motion_only):
     root, store, splits = motion_only
     cfg = toy_config(root, store, splits, epochs=4, lr=0.01)

@@ -107,6 +107,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_like_one(tinted, tmp_path):
     """2 processes x 4 samples = 1 process x 8 samples per step: same data, same updates.
     (BatchNorm frozen, dropout off: per-process batch statistics and masks are the only
@@ -164,3 +165,70 @@ def test_cli_train_then_evaluate_with_option_overrides(tinted, tmp_path):
                             str(tmp_path / "cli"), "--part", "val"])
     assert r.exit_code == 0, r.output
     assert "temporal val: 4 videos" in r.output and (tmp_path / "cli/temporal/scores_val.npz").is_file()
+
+
+def test_kill_between_last_and_best_is_repaired_and_temps_cleaned(tinted, tmp_path, monkeypatch):
+    """last.pt is the commit point, written first: a kill right after it leaves best.pt and
+    log.jsonl one epoch behind; scoring or resuming brings them up to date from last.pt, and the
+    .tmp file of a killed save is removed."""
+    from trainer import checkpoint as C
+
+    _, store, splits = tinted
+    cfg = toy_config(tmp_path, store, splits, epochs=2, lr=0.01)
+    order = []
+    real = C.save_atomic
+    monkeypatch.setattr(C, "save_atomic", lambda path, save: (order.append(path.name), real(path, save))[1])
+    cfg1 = {**cfg, "train": {**cfg["train"], "epochs": 1}}
+    main(cfg1, "spatial")
+    monkeypatch.undo()
+    assert order == ["last.pt", "best.pt"]  # the commit point first
+    run = tmp_path / "run" / "spatial"
+    last = torch.load(run / "last.pt", weights_only=True)
+    # Epoch 2 improved, its last.pt landed, then the job was killed: best.pt and the log are stale.
+    last2 = dict(last, epoch=1, best_epoch=1, best_acc=1.0, log=last["log"] + [dict(last["log"][0], epoch=2)])
+    torch.save(last2, run / "last.pt")
+    (run / ".tmp.deadbeef0000.last.pt").write_bytes(b"half a checkpoint")  # a kill mid-save leaves this
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 0
+    best = C.load_best(tmp_path / "run", "spatial")  # what scoring reads: repaired first
+    assert best["epoch"] == 1 and best["val_acc"] == 1.0
+    assert all(torch.equal(best["model"][k], last2["model"][k]) for k in best["model"])
+    assert [r["epoch"] for r in C.read_log(run / "log.jsonl")] == [1, 2]
+    cfg["train"]["resume"] = True
+    summary = main(cfg, "spatial")  # nothing left to train; starting cleans the leftover
+    assert [r["epoch"] for r in summary["log"]] == [1, 2]
+    assert not list(run.glob(".tmp.*"))
+
+
+def test_resume_from_a_truncated_checkpoint_says_so(tinted, tmp_path):
+    _, store, splits = tinted
+    cfg = toy_config(tmp_path, store, splits, epochs=1, resume=True)
+    run = tmp_path / "run" / "spatial"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+    from twostream.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="truncated or not one of this trainer's checkpoints.*--resume"):
+        main(cfg, "spatial")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="afile is a file; choose another --out"):
+        main({**toy_config(tmp_path, store, splits, epochs=1), "out": str(blocker / "runs")}, "spatial")
+
+
+def test_crop_larger_than_the_frames_is_refused(tinted, tmp_path):
+    _, store, splits = tinted
+    from twostream.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="crop_size 64 is larger than the stored frames \\(48x40\\)"):
+        main(toy_config(tmp_path, store, splits, epochs=1, crop_size=64), "spatial")
+
+
+def test_status_lines_go_to_a_log_file_when_not_on_a_terminal(tinted, tmp_path, monkeypatch):
+    _, store, splits = tinted
+    pipeline = write_pipeline(tmp_path / "p.toml", toy_config(tmp_path, store, splits, epochs=1))
+    monkeypatch.setenv("TWOSTREAM_PROGRESS_SECONDS", "0")
+    r = CliRunner().invoke(cli, ["train", "--stream", "spatial", "--pipeline", str(pipeline)])
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("spatial epoch 1: ") and "steps (" in x]
+    assert lines and "ETA" in lines[-1] and "steps/s" in lines[-1], r.output
+    assert "\r" not in r.output  # no progress bar redraws in a file

@@ -42,6 +42,7 @@ def _fixed(pairs, batch: int, stats: TVL1Stats | None = None) -> list[torch.Tens
     return out
 
 
+@pytest.mark.slow
 def test_continuous_equals_fixed_batches_bit_for_bit():
     """Pairs of two videos of different sizes: 80x60's second level is 64x48, the first level of the
     others, so their pairs share launches there. A small batch and a small in-flight cap make pairs

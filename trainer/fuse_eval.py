@@ -7,13 +7,15 @@ part's for the methods fitted on it (trainer/fusion.py says which). Scores come 
 with --reuse-scores existing files are read instead (refused when they were computed from
 another checkpoint, split or protocol), so fusion can be re-run in seconds.
 
-Results go to `{out}/fusion/`: report.md, report.json, confusion.png, scores_<method>.npz, and
-fusion.pt + fusion.json: every fitted method's parameters, for predictions on new videos. The
+Results go to `{out}/fusion/`: report.md, report.json, confusion.png, scores_<method>.npz,
+timings.json (seconds each method took to fit and apply), and fusion.pt + fusion.json: every
+fitted method's parameters, for predictions on new videos. The
 best fusion is the one with the best validation accuracy, never chosen on the test part.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -169,10 +171,13 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
 
     results = {name: s.scores for name, s in zip(streams, test)}
     params, val_acc = {}, {}
+    seconds = {}
     for m in methods:
         method = METHODS[m]
+        t0 = time.perf_counter()
         params[m] = method.fit({p: scores[p] for p in fit_parts[m]}, settings, test)
         results[m] = method.apply(params[m], test)
+        seconds[m] = time.perf_counter() - t0
         if val is not None:
             val_acc[m] = metrics(method.apply(params[m], val), val[0].labels, len(val[0].class_names))["top1"]
     for name, (test_s, val_s) in _joint_scores(cfg, test, val, evaluate, reuse_scores).items():
@@ -201,6 +206,9 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
     paths["fusion"] = save_atomic(out_dir / "fusion.pt", lambda p: torch.save(_tensors(fitted), p))
     paths["fusion_json"] = write_atomic(out_dir / "fusion.json",
                                         json.dumps(_describe(fitted), indent=1, sort_keys=True) + "\n")
+    # Apart from the report, which stays byte-identical for the same scores.
+    paths["timings"] = write_atomic(out_dir / "timings.json", json.dumps(
+        {"fit_and_apply_seconds": {m: round(t, 3) for m, t in seconds.items()}}, indent=1) + "\n")
     return {"report": report, "paths": paths, "table": render_table(report), "params": params}
 
 
