@@ -1,6 +1,6 @@
 """TV-L1 at 340x256: throughput, continuous vs fixed batching, and how close the torch port is to OpenCV.
 
-Three sections, each printing a Markdown table (`--section` picks some; default all three):
+Four sections, each printing a Markdown table (`--section` picks some; default all four):
 
 - throughput: pairs/s of OpenCV on one core and on all cores vs the PyTorch port on CPU and CUDA,
   speed as a ratio to OpenCV on one core measured in this run, mean endpoint distance of each flow
@@ -20,6 +20,10 @@ Three sections, each printing a Markdown table (`--section` picks some; default 
   OpenCV multiplies *float* input by 255 (it expects 0..1), so the noisy frames go in as
   float32 (frame + noise) / 255; without noise that path gives OpenCV's uint8 flow bit for bit
   (checked here), so the column measures the noise alone.
+
+- algorithms: every flow algorithm and preset flowprep offers (flowprep.flow.ALGORITHMS): pairs/s
+  on one core at 340x256 (bikes.mp4 pairs), and the mean endpoint error on a known smooth motion
+  (a texture warped by a smooth field, 2.5 px on average, 4.3 at most), beside TV-L1.
 
     python benchmarks/flow_bench.py --quick        # everything small
     python benchmarks/flow_bench.py                # full size
@@ -41,13 +45,13 @@ import joblib
 import numpy as np
 import torch
 
-from flowprep.flow import PRESETS, opencv_tvl1
+from flowprep.flow import ALGORITHMS, PRESETS, make_flow, opencv_tvl1
 from flowprep.tvl1_torch import ContinuousTVL1, TVL1Stats, tvl1
 
 SIZE = (340, 256)  # (width, height), the usual two-stream flow resolution
 QUICK_SIZE = (170, 128)  # continuous runs on a quarter of the pixels: --quick, and the long stream
 CUDA_BATCHES = (1, 8, 32, 128)
-SECTIONS = ("throughput", "continuous", "agreement")
+SECTIONS = ("throughput", "continuous", "agreement", "algorithms")
 # bikes.mp4 pairs (frame i -> i + 1) by motion, measured at 340x256: mean OpenCV flow 0.4-1.8 px
 # and 5.5-8.3 px; scene cuts (frames 29, 75, 131, 191, 223) avoided.
 LOW = (0, 120, 160)
@@ -302,6 +306,47 @@ def section_agreement(low: tuple[int, ...], high: tuple[int, ...], presets: list
     print()
 
 
+def known_motion(size: tuple[int, int] = SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prev, next, true flow): a multi-scale texture and the same texture moved by a smooth field."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    tex = np.zeros((h, w), np.float32)
+    for s in (2, 4, 8, 16):
+        tex += cv2.resize(rng.random((h // s + 2, w // s + 2)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    prev = cv2.normalize(tex, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    field = np.stack([2.0 + 1.5 * np.sin(2 * np.pi * yy / h), -1.0 + 1.5 * np.cos(2 * np.pi * xx / w)], -1)
+    nxt = cv2.remap(prev, xx - field[..., 0], yy - field[..., 1], cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    return prev, nxt, field.astype(np.float32)
+
+
+def section_algorithms(n: int) -> None:
+    cv2.setNumThreads(1)
+    frames, source = load_frames(n + 1)
+    pairs = list(zip(frames[:-1], frames[1:]))
+    prev, nxt, truth = known_motion()
+    m = 16  # borders have no texture coming in from outside the frame
+    rows = []
+    for algo in ALGORITHMS.values():
+        for preset in algo.presets:
+            flow = make_flow(algo.name, preset)
+            flow(*pairs[0])  # first call builds the solver
+            t = time.perf_counter()
+            for a, b in pairs:
+                flow(a, b)
+            rate = len(pairs) / (time.perf_counter() - t)
+            epe = float(np.linalg.norm(flow(prev, nxt) - truth, axis=-1)[m:-m, m:-m].mean())
+            rows.append((algo.name, preset if algo.has_presets else "-", rate, epe))
+    base = next(r[2] for r in rows if r[:2] == ("tvl1", "accurate"))
+    print(f"\nFlow algorithms at {SIZE[0]}x{SIZE[1]}, one core; speed on {len(pairs)} pairs of {source}; error on a known "
+          f"smooth motion (mean {np.linalg.norm(truth, axis=-1).mean():.1f} px)\n")
+    print("| algorithm | preset | pairs/s | x TV-L1 accurate | mean endpoint error (px) |")
+    print("|---|---|---:|---:|---:|")
+    for algo, preset, rate, epe in rows:
+        print(f"| {algo} | {preset} | {rate:.2f} | {rate / base:.1f} | {epe:.3f} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
@@ -323,6 +368,8 @@ def main() -> None:
     if "continuous" in sections:
         runs = [(QUICK_SIZE, 1)] if args.quick else [(SIZE, 1), (QUICK_SIZE, args.repeat)]
         section_continuous(runs, args.batch, ["cpu"] + (["cuda"] if cuda else []), compile)
+    if "algorithms" in sections:
+        section_algorithms(2 if args.quick else 8)
     if "agreement" in sections:
         if args.quick:
             section_agreement(LOW[:1], HIGH[:1], list(PRESETS))

@@ -76,7 +76,13 @@ TRAIN_KEYS = {
     "workers": Key(4, "Data loader worker processes per GPU.", integer, min=0, flags=("--workers", "-j")),
     "device": Key("auto", "auto, cpu, cuda or cuda:N."),
     "amp": Key(True, "bfloat16 autocast on CUDA (no effect on the CPU).", boolean),
-    "seed": Key(0, "Random seed: the same seed gives the same run.", integer, min=0),
+    "seed": Key(0, "Random seed: with the same seed, threads and machine, a run gives the same weights.",
+                integer, min=0),
+    "threads": Key(0, "CPU threads of torch's own ops (0 = its default, one per core). CPU results depend on "
+                   "it (reductions split differently): fix it to get the same numbers on another machine.",
+                   integer, min=0, flags=None),
+    "deterministic": Key(False, "Deterministic algorithms only (cuDNN autotuning off): the same numbers on every "
+                         "run of a GPU too, a little slower.", boolean, flags=None),
     "crop_size": Key(224, "Training crop side (test crops come from the short side scaled to 256/224 of it).",
                      integer, min=8, flags=None),
     "segments": Key(1, "TSN segments per training sample (1 = the paper's single frame or stack).", integer, min=1,

@@ -22,7 +22,7 @@ from trainer.scores import Scores, save_scores
 from trainer.splits import PARTS, check_same_split, check_videos, split_from_config, split_identity
 from trainer.streams import get_input
 from trainer.train import image_logits
-from trainer.utils import pick_device
+from trainer.utils import pick_device, setup_device
 from twostream.pipeline import validate
 from twostream.progress import Progress
 from twostream.schema import ConfigError
@@ -110,6 +110,7 @@ def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None 
     crop = int(ck.get("crop_size", ck["stream_config"]["crop_size"]))
     ev = cfg["eval"]
     dev = pick_device(device or args["device"])
+    setup_device(dev, args["threads"], args["deterministic"])
 
     tasks = ck.get("tasks") or [{"name": "", "offset": 0, "classes": ck["class_names"], "split": ck.get("split")}]
     if len(tasks) > 1:

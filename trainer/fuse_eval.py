@@ -134,6 +134,10 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
     """
     cfg = validate(cfg)
     methods = resolve_methods(cfg, methods)
+    if cfg["train"]["threads"]:  # the fusion heads train on the CPU: their numbers depend on it too
+        import torch
+
+        torch.set_num_threads(cfg["train"]["threads"])
     settings = cfg["fusion"]
     streams = list(settings["streams"])
     if len(streams) < 2:

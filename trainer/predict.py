@@ -29,7 +29,7 @@ from trainer.evaluate import load_stream_model, predict as protocol_scores
 from trainer.fusion import METHODS, FusionError, load_fitted
 from trainer.scores import Scores
 from trainer.streams import get_input
-from trainer.utils import pick_device
+from trainer.utils import pick_device, setup_device
 from twostream.atomic import write_atomic
 from twostream.pipeline import validate
 from twostream.schema import ConfigError
@@ -71,6 +71,7 @@ def predict_videos(cfg: dict, videos: list[str | Path], device: str | None = Non
         if list(ck["class_names"]) != classes:
             raise ConfigError(f"the {s} stream was trained on other classes than {streams[0]}; retrain on one split")
     dev = pick_device(device or cfg["train"]["device"])
+    setup_device(dev, cfg["train"]["threads"], cfg["train"]["deterministic"])
     opts = extraction_options(cfg["data"]["store"], dev)
     method, fitted = fitted_fusion(cfg, streams)
     failed: dict[str, str] = {}

@@ -182,7 +182,7 @@ def main(cfg: dict, stream: str) -> dict:
     rank, world, local = init_distributed(args["device"])
     joined = joined and dist.is_initialized()  # we joined the group, so we leave it at the end
     device = pick_device(args["device"], local)
-    setup_device(device)
+    setup_device(device, args["threads"], args["deterministic"])
     seed = int(args["seed"])
     seed_everything(seed + rank)
     run_dir = Path(cfg["out"]) / name

@@ -92,7 +92,7 @@ def train_joint(cfg: dict, method: str) -> dict:
     rank, world, local = init_distributed(args["device"])
     joined = joined and dist.is_initialized()
     device = pick_device(args["device"], local)
-    setup_device(device)
+    setup_device(device, args["threads"], args["deterministic"])
     seed = int(args["seed"])
     seed_everything(seed + rank)
 
@@ -205,6 +205,7 @@ def score_joint(cfg: dict, method: str, part: str = "test", show: bool = True) -
     check_same_split(ck.get("split"), split_id, f"the joint {method} model")
     args = joint_settings(cfg)
     device = pick_device(args["device"])
+    setup_device(device, args["threads"], args["deterministic"])
     net = net.to(device)
     store = Store(cfg["data"]["store"])
     reads = tuple(dict.fromkeys(m for s in net.streams for m in s.kind.reads))

@@ -37,12 +37,19 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"unknown device {pref!r} (use auto, cpu, cuda or cuda:N)") from e
 
 
-def setup_device(device: torch.device) -> None:
-    """Fast math where it does not cost accuracy that matters here (TF32 matmuls, cuDNN autotune)."""
+def setup_device(device: torch.device, threads: int = 0, deterministic: bool = False) -> None:
+    """Threads and algorithms. By default fast math where it does not cost accuracy that matters
+    here (TF32 matmuls, cuDNN autotuning); `deterministic` trades that for run-to-run identity."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 def seed_everything(seed: int) -> None:
