@@ -3,6 +3,7 @@
 #   make test                  the whole test suite (CPU only); make test-fast leaves out the slow tests
 #   make extract train-spatial train-temporal fuse-eval PIPELINE=pipelines/ucf101.toml
 #   make train-fusion FUSION=attention [JOINT=1]    make ablate    make predict VIDEOS="a.avi b.mp4"
+#   make synth extract ... PIPELINE=pipelines/synth12.toml   (the synthetic sets: demo, synth12, motion)
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
@@ -12,7 +13,7 @@ FUSION   ?= attention
 JOINT    ?=
 VIDEOS   ?=
 
-.PHONY: setup test test-fast extract train-spatial train-temporal fuse-eval train-fusion ablate predict \
+.PHONY: setup test test-fast synth extract train-spatial train-temporal fuse-eval train-fusion ablate predict \
         demo demo-data bench clean-demo
 
 setup: $(VENV)/.installed
@@ -52,11 +53,14 @@ predict: setup
 	@test -n "$(VIDEOS)" || { echo 'give the videos: make predict VIDEOS="a.avi b.mp4"'; exit 2; }
 	$(PY) -m trainer predict $(VIDEOS) --pipeline $(PIPELINE) $(ARGS)
 
-demo-data: setup
-	$(PY) -m flowprep synth --pipeline pipelines/demo.toml
+synth: setup
+	$(PY) -m flowprep synth --pipeline $(PIPELINE)
+
+demo-data: PIPELINE = pipelines/demo.toml
+demo-data: synth
 
 demo: PIPELINE = pipelines/demo.toml
-demo: demo-data extract train-spatial train-temporal fuse-eval
+demo: synth extract train-spatial train-temporal fuse-eval
 
 bench: setup
 	$(PY) benchmarks/extract_bench.py --quick
