@@ -4,8 +4,8 @@
   (b) the real loader from a JPEG store and from an HDF5 store (built here from synthetic frames),
 
 in the same run; ratio = (b) / (a). 1.0 means the GPU, not the input, sets the pace (target
->= 0.9 for resnet50 on an H100). Also prints the per-sample CPU cost of each loader stage, to
-show where crops, flips and normalisation are cheapest.
+>= 0.9 for resnet50 on an H100). The per-sample CPU cost of each loader stage is
+benchmarks/loader_bench.py's.
 
     python benchmarks/train_bench.py --quick            # CPU, tiny sizes, about 2 minutes
     python benchmarks/train_bench.py --device cuda --workers 16
@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from flowprep.quant import quantize
-from flowprep.store import Store, open_writer, write_store_info
-from trainer import transforms as T
+from flowprep.store import open_writer, write_store_info
 from trainer.data import ClipDataset, DevicePrefetcher, EpochSampler, make_loader
 from trainer.models import build_model
-from trainer.train import forward, pick_device
+from trainer.streams import INPUTS
+from trainer.train import forward
+from trainer.utils import pick_device
 
 
 def smooth_noise(rng: np.random.Generator, h: int, w: int, c: int, scale: int = 8) -> np.ndarray:
@@ -58,7 +59,11 @@ def build_store(root: Path, fmt: str, videos: int, frames: int, size: tuple[int,
     return ids
 
 
-def time_steps(model, criterion, optimizer, batches, device, stream, steps: int, warmup: int) -> float:
+KINDS = {"spatial": "rgb", "temporal": "flow"}
+
+
+def time_steps(model, criterion, optimizer, batches, device, stream, steps: int, warmup: int,
+               flow_length: int = 10) -> float:
     """Samples/s over `steps` training steps after `warmup` ones (includes waiting for batches)."""
     model.train()
     it = iter(batches)
@@ -70,7 +75,8 @@ def time_steps(model, criterion, optimizer, batches, device, stream, steps: int,
             start, seen = time.perf_counter(), 0
         x, y = next(it)
         y = y.to(device, non_blocking=True)
-        loss = criterion(forward(model, x, device, stream, stream == "temporal"), y)
+        args = {"flow_length": flow_length, "mean_subtraction": stream == "temporal", "amp": True}
+        loss = criterion(forward(model, x, device, INPUTS[KINDS[stream]], args), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -83,29 +89,6 @@ def time_steps(model, criterion, optimizer, batches, device, stream, steps: int,
 def repeat(x, y):
     while True:
         yield x, y
-
-
-def stage_costs(store_root: Path, ids: list[str], stream: str, crop: int, flow_length: int, n: int = 20) -> dict:
-    """Per-sample CPU milliseconds of each stage, in one process."""
-    store = Store(store_root)
-    rng = np.random.default_rng(0)
-    t = {"decode": 0.0, "crop+flip uint8": 0.0, "normalise float32 (CPU)": 0.0}
-    for k in range(n):
-        with store.open(ids[k % len(ids)]) as v:
-            t0 = time.perf_counter()
-            if stream == "spatial":
-                img = v.rgb(0)
-            else:
-                img = v.flow_stack(0, flow_length)
-            t1 = time.perf_counter()
-            out = T.train_crop(img, crop, rng, stream == "temporal")
-            t2 = time.perf_counter()
-            T.normalize(T.to_chw(out)[None], stream, stream == "temporal")
-            t3 = time.perf_counter()
-        t["decode"] += t1 - t0
-        t["crop+flip uint8"] += t2 - t1
-        t["normalise float32 (CPU)"] += t3 - t2
-    return {k: 1000 * v / n for k, v in t.items()}
 
 
 @click.command()
@@ -144,13 +127,6 @@ def main(quick, device, steps, archs, batch_size, workers, flow_length):
             stores[fmt] = (root, ids)
             print(f"built {fmt} store: {videos} videos x {frames} frames in {time.perf_counter() - t0:.1f} s")
 
-        print("\nper-sample CPU cost in one loader worker (ms):")
-        for stream in ("spatial", "temporal"):
-            for fmt, (root, ids) in stores.items():
-                c = stage_costs(root, ids, stream, crop, flow_length)
-                print(f"  {stream:8s} {fmt:5s} " + ", ".join(f"{k} {v:.2f}" for k, v in c.items()))
-        print("  (normalising on the device instead costs next to nothing and moves 4x fewer bytes)")
-
         print(f"\n{'stream':9s}{'arch':10s}{'synthetic/s':>12s}{'jpeg/s':>10s}{'ratio':>7s}{'hdf5/s':>10s}{'ratio':>7s}")
         for arch in archs.split(","):
             for stream in ("spatial", "temporal"):
@@ -163,17 +139,17 @@ def main(quick, device, steps, archs, batch_size, workers, flow_length):
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
                 x = torch.randint(0, 256, (batch, 1, channels, crop, crop), dtype=torch.uint8, device=dev)
                 y = torch.randint(0, 4, (batch,), device=dev)
-                synthetic = time_steps(model, criterion, optimizer, repeat(x, y), dev, stream, steps, warmup)
+                synthetic = time_steps(model, criterion, optimizer, repeat(x, y), dev, stream, steps, warmup,
+                                       flow_length)
                 row = f"{stream:9s}{arch:10s}{synthetic:12.1f}"
                 for fmt, (root, ids) in stores.items():
                     counts = [(frames, frames - 1)] * len(ids)
-                    ds = ClipDataset(root, ids, [i % 4 for i in range(len(ids))], counts, stream=stream,
-                                     crop_size=crop, flow_length=flow_length, train=True)
-                    # Enough epochs of keys for the run: a sampler over a repeated index space.
-                    ds.video_ids, ds.labels, ds.counts = ds.video_ids * 64, ds.labels * 64, ds.counts * 64
+                    # The videos 64 times over: enough keys for the run from one epoch's sampler.
+                    ds = ClipDataset(root, ids * 64, [i % 4 for i in range(len(ids))] * 64, counts * 64,
+                                     kind=INPUTS[KINDS[stream]], crop_size=crop, flow_length=flow_length, train=True)
                     loader = make_loader(ds, EpochSampler(len(ds.video_ids), batch), batch, workers, dev)
                     real = time_steps(model, criterion, optimizer, DevicePrefetcher(loader, dev), dev, stream,
-                                      steps, warmup)
+                                      steps, warmup, flow_length)
                     del loader
                     row += f"{real:10.1f}{real / synthetic:7.2f}"
                 print(row, flush=True)

@@ -29,10 +29,11 @@ def test_train_samples_are_uint8_and_a_function_of_seed_epoch_index(store, strea
     # temporal with L = 10 > 5 flows: the last flow repeats
     ds = ClipDataset(store, ids, [0, 1], [(6, 5)] * 2, kind=INPUTS[stream], crop_size=32, flow_length=10,
                      train=True, segments=3, seed=7)
-    x, y = ds[(2, 1)]
-    assert x.shape == (3, channels, 32, 32) and x.dtype == torch.uint8 and y == 1
-    assert torch.equal(ds[(2, 1)][0], x)
-    assert any(not torch.equal(ds[(e, 1)][0], x) for e in range(3, 8))
+    (x, flip), y = ds[(2, 1)]
+    assert x.shape == (3, channels, 32, 32) and x.dtype == torch.uint8 and y == 1 and flip.dtype == torch.bool
+    assert torch.equal(ds[(2, 1)][0][0], x)
+    assert any(not torch.equal(ds[(e, 1)][0][0], x) for e in range(3, 8))
+    assert {bool(ds[(e, 1)][0][1]) for e in range(12)} == {True, False}  # flips are chosen, half the time
     val = ClipDataset(store, ids, [0, 1], [(6, 5)] * 2, kind=INPUTS[stream], crop_size=32, flow_length=10, train=False)
     assert val[0][0].shape == (1, channels, 32, 32)
 
@@ -50,3 +51,18 @@ def test_process_shares_of_a_global_batch_add_up_to_the_single_process_batch():
     assert sorted(list(ShardSampler(5, 0, 2)) + list(ShardSampler(5, 1, 2))) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="divide by"):
         EpochSampler(21, 8, world=3)
+
+
+@pytest.mark.parametrize("negate", [None, slice(0, None, 2)])
+def test_the_batch_flip_on_the_device_is_the_image_flip(negate):
+    from trainer import transforms as T
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (4, 2, 9, 11, 6), dtype=np.uint8)  # B, K, H, W, C
+    flips = torch.tensor([True, False, True, False])
+    x = torch.from_numpy(imgs).permute(0, 1, 4, 2, 3)  # B, K, C, H, W as loaders give it
+    out = T.flip_batch(x.clone(), flips, negate)
+    for b in range(4):
+        for k in range(2):
+            want = T.flip(imgs[b, k], negate) if flips[b] else imgs[b, k]
+            assert np.array_equal(out[b, k].permute(1, 2, 0).numpy(), want)

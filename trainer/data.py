@@ -85,8 +85,10 @@ class ClipDataset(_StreamDataset):
     """One sample per video: K segments, each one frame / one stack.
 
     train=True: a random position per segment, one multi-scale corner crop and flip shared by
-    the segments; keys are (epoch, index) from EpochSampler. train=False (val accuracy during
-    training): the middle of each segment, center crop.
+    the segments; keys are (epoch, index) from EpochSampler. The flip is not applied here but
+    returned, ((crops, flip), label), for the device to apply to the whole batch
+    (transforms.flip_batch): on the CPU it would be a copy of every sample. train=False (val
+    accuracy during training): the middle of each segment, center crop.
     """
 
     def __init__(self, *args, train: bool = True, segments: int = 1, seed: int = 0, **kw):
@@ -104,9 +106,9 @@ class ClipDataset(_StreamDataset):
         if self.train:
             box = T.multiscale_crop_box(*images[0].shape[:2], rng)
             do_flip = rng.random() < 0.5
-            crops = [T.train_crop(im, self.crop_size, rng, self.negate, box, do_flip) for im in images]
-        else:
-            crops = [T.eval_crops(im, self.crop_size, "center", self.negate)[0] for im in images]
+            crops = [T.train_crop(im, self.crop_size, rng, self.negate, box, False) for im in images]
+            return (torch.stack([T.to_chw(c) for c in crops]), torch.tensor(do_flip)), self.labels[j]
+        crops = [T.eval_crops(im, self.crop_size, "center", self.negate)[0] for im in images]
         return torch.stack([T.to_chw(c) for c in crops]), self.labels[j]
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from flowprep.store import Store
 from trainer import checkpoint as C
+from trainer import transforms as T
 from trainer.config import stream_settings
 from trainer.data import ClipDataset, DevicePrefetcher, EpochSampler, ShardSampler, make_loader
 from trainer.models import build_model, freeze_backbone, freeze_bn
@@ -69,9 +70,13 @@ def make_optimizer(params, c: dict) -> torch.optim.Optimizer:
 # ---------------------------------------------------------------- one step, one epoch
 
 def image_logits(model: nn.Module, x: torch.Tensor, device: torch.device, kind: Input, length: int,
-                 mean_subtraction: bool, amp: bool = True) -> torch.Tensor:
-    """uint8 [B, K, C, S, S] batch (K segments or crops) -> float32 class logits [B, K, classes]."""
+                 mean_subtraction: bool, amp: bool = True, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, K, C, S, S] batch (K segments or crops) -> float32 class logits [B, K, classes].
+
+    `flips` (bool [B]): the training flips the loader chose, applied here to the whole batch."""
     x = x.to(device, non_blocking=True)
+    if flips is not None:
+        x = T.flip_batch(x, flips.to(device, non_blocking=True), kind.negate_on_flip(length))
     b, k = x.shape[:2]
     x = kind.to_network(x.flatten(0, 1), length, mean_subtraction)
     if device.type == "cuda":
@@ -81,9 +86,12 @@ def image_logits(model: nn.Module, x: torch.Tensor, device: torch.device, kind: 
     return logits.float().view(b, k, -1)
 
 
-def forward(model: nn.Module, x: torch.Tensor, device: torch.device, kind: Input, args: dict) -> torch.Tensor:
-    """uint8 [B, K, C, S, S] batch -> class logits [B, classes], averaged over the K segments."""
-    return image_logits(model, x, device, kind, args["flow_length"], args["mean_subtraction"], args["amp"]).mean(1)
+def forward(model: nn.Module, x, device: torch.device, kind: Input, args: dict) -> torch.Tensor:
+    """uint8 [B, K, C, S, S] batch (or (batch, flips) from a training loader) -> class logits
+    [B, classes], averaged over the K segments."""
+    x, flips = x if isinstance(x, (tuple, list)) else (x, None)
+    return image_logits(model, x, device, kind, args["flow_length"], args["mean_subtraction"], args["amp"],
+                        flips).mean(1)
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, args, logits_fn,

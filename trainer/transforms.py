@@ -3,9 +3,10 @@
 Images are HxWxC uint8 numpy arrays as a stream input loads them (trainer/streams.py): RGB
 frames, or flow stacks ordered x1, y1, x2, y2, ... (quantized, 127.5 = no motion). A mirror
 maps the channels the input names (`negate`, e.g. every flow-x channel) to 255 - q, the exact
-sign change in the quantized domain. Crops, resizes and flips stay on uint8 in the loader
-workers (a crop is a view, and uint8 is a quarter of float32's bytes to collate, pin and copy);
-conversion and normalisation happen on the device (`Input.to_network`).
+sign change in the quantized domain. Crops and resizes stay on uint8 in the loader workers (a
+crop is a view, and uint8 is a quarter of float32's bytes to collate, pin and copy); the
+training flip (`flip_batch`), conversion and normalisation happen on the device, batched, where
+they cost next to nothing (`Input.to_network`). Test crops flip in the workers (`ten_crop`).
 """
 from __future__ import annotations
 
@@ -123,3 +124,15 @@ def eval_crops(img: np.ndarray, size: int, crops: str, negate: slice | None) -> 
 def to_chw(img: np.ndarray) -> torch.Tensor:
     """HxWxC uint8 numpy -> CxHxW uint8 tensor (no copy beyond what the collate does)."""
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+
+
+def flip_batch(x: torch.Tensor, flips: torch.Tensor, negate: slice | None) -> torch.Tensor:
+    """The training flip, on the device for a whole batch: samples with `flips` set are mirrored
+    and their `negate` channels mapped q -> 255 - q, exactly as `flip` does on one image.
+
+    x: uint8 [B, K, C, S, S] (K segments share their sample's flip); flips: bool [B].
+    """
+    mirrored = x.flip(-1)
+    if negate is not None:
+        mirrored[:, :, negate] = 255 - mirrored[:, :, negate]
+    return torch.where(flips.view(-1, 1, 1, 1, 1), mirrored, x)
