@@ -1,4 +1,4 @@
-"""`flowprep` command line: extract, verify, show. Thin over flowprep.extract / verify / show.
+"""`flowprep` command line: extract, adopt, verify, show. Thin over flowprep.extract / adopt / verify / show.
 
 Exit status: 0 done; 1 some videos failed (or verify found problems); 2 the command could not
 run (a usage error, or a problem with the job as a whole, stated in one sentence).
@@ -115,6 +115,55 @@ def extract(pipeline, videos, out, list_file, splits, overwrite, repair, **optio
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Store folder [default: SRC itself, when its frames already have the store's names (1-based "
+                   "img_00001.jpg, flow_x_00001.jpg, flow_y_00001.jpg in <class>/<video>/): then only store.json, "
+                   "meta.json per video, the manifest and the list files are written].")
+@click.option("--layout", type=click.Choice(["auto", "rawframes", "uv"]), default="auto", show_default=True,
+              help="rawframes: SRC/<class>/<video>/ with img_, flow_x_ or x_, flow_y_ or y_ frames, 0- or 1-based "
+                   "(denseflow, MMAction2, TSN). uv: FLOW_ROOT/u/<video>/ and FLOW_ROOT/v/<video>/ "
+                   "(e.g. tvl1_flow/u/v_X_g01_c01/frame000001.jpg), RGB in RGB_ROOT/<video>/. auto: uv when "
+                   "FLOW_ROOT has u/ and v/.")
+@click.option("--flow-root", help="uv layout: the folder holding u/ and v/, relative to SRC [default: SRC].")
+@click.option("--rgb-root", help="uv layout: the folder of RGB frame folders (e.g. jpegs_256), relative to SRC "
+              "[default: none, a flow-only store].")
+@click.option("--class-regex", help="Class of a video from its folder name when the folders are not per class: "
+              "the regex's group 'class' or first group, e.g. 'v_([A-Za-z]+)_g' for UCF-101 names; the id becomes "
+              "<class>/<name>.")
+@click.option("--bound", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="The bound the flow JPEGs were quantized with (q = 255 (v + b) / 2b): JPEGs cannot say, so it is "
+                   "recorded as given.")
+@click.option("--copy", "mode", flag_value="copy", help="Copy the frames into --out (as much space again) instead of "
+              "hard-linking them, e.g. when --out is on another file system.")
+@click.option("--move", "mode", flag_value="move", help="Move the frames into --out (links, then the source names "
+              "are removed once their video is in the store).")
+@click.option("--splits", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Official split folder, for labels and per-split lists, as for extract.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Reading threads.")
+def adopt(src, out, layout, flow_root, rgb_root, class_regex, bound, mode, splits, workers):
+    """Make a store of frames and flows extracted elsewhere (denseflow, MMAction2, TSN, two-stream repos),
+    computing nothing.
+
+    Every file is read once for its checksum (so `flowprep verify` works) and a header check; the
+    store is SRC itself when the names fit, else a folder of hard links (--copy / --move to copy or
+    move). A video with more frames than flows + 1 (tsn-pytorch: n frames, n-2 flows) keeps its first
+    flows + 1 frames, recorded as partial. Odd videos (no flow, gaps in the numbering, x/y counts that
+    differ, unreadable JPEGs) are reported and the rest adopted. Resumable. Exit status 0 when every
+    video is adopted, 1 when some were odd, 2 when the job cannot run.
+    """
+    from flowprep.adopt import AdoptError, run_adopt
+
+    try:
+        summary = run_adopt(src, out, layout=layout, flow_root=flow_root, rgb_root=rgb_root, class_regex=class_regex,
+                            bound=bound, mode=mode or "link", splits=splits, workers=workers, progress=True,
+                            command="flowprep " + shlex.join(sys.argv[1:]))
+    except AdoptError as e:
+        raise JobError(str(e)) from None
+    sys.exit(summary.exit_code)
 
 
 @main.command()

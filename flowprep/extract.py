@@ -5,6 +5,8 @@ A video streams through decode -> resize -> RGB JPEG -> flow against the previou
 that is renamed into place only when the video is whole. Bad input never raises out of a task: it
 comes back as a record with status "failed" and the reason, and every other video is still extracted.
 A source cut short is kept without its last decoded frame and marked "partial" (flowprep/video.py).
+With `--direction both` each pair also gets its backward flow, flow(next, prev), computed through
+the same batch hook (one call for both directions, so a GPU solves them together).
 
 Before anything runs, the job as a whole is checked, so a problem is one sentence and not a
 thousand failed videos: the video list (ids inside --videos only, no collisions, names the list
@@ -14,7 +16,18 @@ store's lock (one job per store; flowprep/lock.py). Nothing outside --out is wri
 The job is resumable: a video whose stored copy passes `Store.check` (counts, cheap) and that the
 last `flowprep verify` did not flag (OUT/verify.json) is skipped; anything else (missing,
 half-written, killed mid-way, damaged) is redone. A plain re-run does not read every byte;
-`--repair` does: it runs verify's full checksum pass first and redoes what it finds. Stores hold no
+`--repair` does: it runs verify's full checksum pass first and redoes what it finds.
+
+Backward flows for a finished forward store: `--direction both` on a store made with direction
+forward (and otherwise the same parameters) is accepted as an upgrade. store.json says "both" from
+then on; every whole forward video gains its backward flows (`add_backward`: the source is decoded
+again, its frames are checked against the stored ones, and only flow(next, prev) is computed and
+written, through `store.open_backward_writer`); the forward frames keep their bytes. A video killed
+mid-upgrade is still whole forward (the backward part is written aside) and is upgraded by the next
+run. The reverse, direction forward on a "both" store, is refused like any other change: the store
+would claim backward flows its new videos lack (--overwrite redoes it forward only).
+
+Stores hold no
 timestamps, so the same input gives byte-identical stores whatever the backend, worker count,
 order of completion or number of re-runs.
 
@@ -33,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -45,8 +59,9 @@ from flowprep.flow import (ALGORITHMS, ALGOS, PRESET_NAMES, PRESETS, check_devic
 from flowprep.lists import MMACTION2, Labels, SplitsError, read_splits, sorted_labels, write_lists
 from flowprep.lock import StoreLock, StoreLocked
 from flowprep.quant import DEFAULT_BOUND, quantize
-from flowprep.store import (DONE, FORMATS, LOGS, STORE_INFO, Store, StoreError, add_expected, append_manifest,
-                            clean_temps, open_writer, read_findings, read_manifest, read_store_info,
+from flowprep.store import (DIRECTIONS, DONE, FLOW_CODECS, FORMATS, LOGS, STORE_INFO, Store, StoreError,
+                            add_expected, append_manifest, clean_temps, encode_jpeg, open_backward_writer,
+                            open_writer, read_findings, read_manifest, read_store_info, store_direction,
                             video_class, video_path, write_findings, write_list_file, write_store_info)
 from flowprep.video import VideoError, probe, read_frames, scan_videos
 from twostream.progress import Progress
@@ -94,6 +109,9 @@ def _check_extract(v: dict) -> dict:
         raise ConfigError("give either extract.size (--size) or extract.short_side (--short-side), not both")
     if v["size"] is None and v["short_side"] is None:
         v["size"] = DEFAULT_SIZE
+    if v["flow_codec"] != "jpeg" and v["format"] != "hdf5":
+        raise ConfigError(f"extract.flow_codec (--flow-codec) = \"{v['flow_codec']}\" needs extract.format "
+                          "(--format) = \"hdf5\": a JPEG store holds one JPEG file per frame")
     try:
         v["preset"] = resolve_preset(v["algo"], v["preset"])
     except ValueError as e:
@@ -117,6 +135,13 @@ STORE_KEYS = {
     "preset": Key(None, _preset_help(), optional(string), choices=PRESET_NAMES),
     "rgb": Key(True, "Also store RGB frames. --no-rgb stores flow only (temporal stream); 'frames' still counts "
                "decoded frames, so flows = frames - 1.", boolean),
+    "direction": Key("forward", "forward: flow from each frame to the next. both: also the backward flow, frame "
+                     "i+1 to frame i (bflow_x_00001.jpg ..., HDF5 bflow_x/bflow_y), for the flow_bidir stream input. "
+                     "Asking both of a finished forward store adds the backward flows and leaves the forward "
+                     "ones as they are.", choices=DIRECTIONS),
+    "flow_codec": Key("jpeg", "How HDF5 stores flow: jpeg (one JPEG per component frame, about 6 KB at 340x256) "
+                      "or raw (uncompressed uint8 planes: lossless and about 4x faster to read, 87 KB). RGB stays "
+                      "JPEG; --format jpeg allows jpeg only.", choices=FLOW_CODECS),
     "max_frames": Key(None, "Only the first N kept frames of each video (quick trials of a pipeline).",
                       optional(integer), min=2, metavar="N"),
     "device": Key("cpu", "cpu: OpenCV TV-L1, one core per worker; cuda (or cuda:N): batched torch TV-L1, one "
@@ -150,6 +175,7 @@ class ExtractOptions(Options):
             "bound": float(self.bound), "jpeg_quality": self.jpeg_quality, "step": self.step,
             "algo": self.algo, "preset": self.preset if ALGORITHMS[self.algo].has_presets else None,
             "params": flow_params(self.algo, self.preset), "rgb": self.rgb, "max_frames": self.max_frames,
+            "direction": self.direction, "flow_codec": self.flow_codec,
             # OpenCV TV-L1 and the torch port agree closely but not bit for bit.
             "implementation": "opencv" if self.device == "cpu" else "torch",
             "opencv": cv2.__version__,
@@ -159,14 +185,15 @@ class ExtractOptions(Options):
 def manifest_record(video_id: str, src: str | Path, *, frames: int = 0, flows: int = 0, size: list | None = None,
                     seconds: float = 0.0, error: str | None = None, status: str | None = None,
                     declared_frames: int | None = None, decoded_frames: int | None = None,
-                    warning: str | None = None, errno: str | None = None) -> dict:
+                    warning: str | None = None, errno: str | None = None, bflows: int = 0) -> dict:
     """One line of OUT/manifest.jsonl: status "ok", "partial" (with `warning`) or "failed" (with `error`).
 
     declared_frames / decoded_frames: what the source's container declares and what decoded
     (`frames` is what the store holds); errno: the error's name when a failure stops the job.
     """
     return {"id": video_id, "label": video_class(video_id), "source": str(src),
-            "status": status or ("ok" if error is None else "failed"), "frames": frames, "flows": flows, "size": size,
+            "status": status or ("ok" if error is None else "failed"), "frames": frames, "flows": flows,
+            "bflows": bflows, "size": size,
             "declared_frames": declared_frames, "decoded_frames": decoded_frames,
             "seconds": round(seconds, 3), "error": error, "warning": warning, "errno": errno}
 
@@ -213,13 +240,21 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
     try:
         info = probe(src)
         flow_batch, batch = flow_batch or make_flow_batch(opts.algo, opts.preset, opts.device)
-        writer = open_writer(opts.format, store_root, video_id, opts.jpeg_quality)
+        writer = open_writer(opts.format, store_root, video_id, opts.jpeg_quality, opts.flow_codec)
+        both = opts.direction == "both"
         prevs: list = []
         nexts: list = []
 
         def flush() -> None:
-            for f in flow_batch(prevs, nexts):
-                writer.write_flow(quantize(f, opts.bound))
+            if not prevs:
+                return
+            # Both directions in one call: a GPU batch solves the backward pairs with the forward ones.
+            flows = flow_batch(prevs + nexts, nexts + prevs) if both else flow_batch(prevs, nexts)
+            k = len(prevs)
+            for i in range(k):
+                writer.write_flow(quantize(flows[i], opts.bound))
+                if both:
+                    writer.write_flow(quantize(flows[k + i], opts.bound), backward=True)
             prevs.clear()
             nexts.clear()
 
@@ -234,7 +269,7 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
             if prev is not None:
                 prevs.append(prev)
                 nexts.append(gray)
-                if len(prevs) >= batch:
+                if len(prevs) * (2 if both else 1) >= batch:
                     flush()
             prev = gray
             if _test_exit_marker and writer.flows >= 2:
@@ -251,7 +286,8 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
         writer.commit(meta)
         return manifest_record(video_id, src, frames=writer.frames, flows=writer.flows, size=size,
                                seconds=time.perf_counter() - t0, status="partial" if frames.partial else "ok",
-                               declared_frames=frames.declared, decoded_frames=frames.decoded, warning=warning)
+                               declared_frames=frames.declared, decoded_frames=frames.decoded, warning=warning,
+                               bflows=writer.bflows)
     except BaseException as e:
         if writer is not None:
             writer.abort()
@@ -261,11 +297,83 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
         return failed_record(video_id, src, reason, time.perf_counter() - t0, errno=stop)
 
 
+def add_backward(src: str | Path, store_root: str | Path, video_id: str, opts: ExtractOptions,
+                 *, flow_batch: tuple | None = None, _test_exit_marker: str | None = None,
+                 _test_delay: float = 0.0) -> dict:
+    """Give a whole forward-only video of the store its backward flows; returns its manifest record.
+
+    The source is decoded again with the store's settings and must give the frames the store holds:
+    the same count and, where RGB is stored, the same JPEG bytes (their CRC32s), so the backward
+    flows belong to the stored forward ones. Only flow(next, prev) is computed; the forward frames
+    are not rewritten (store.open_backward_writer). Never raises for a bad video, as extract_video.
+    """
+    t0 = time.perf_counter()
+    src = Path(src)
+    writer = None
+    try:
+        store = Store(store_root, findings=False)
+        with store.open(video_id) as v:
+            stored = dict(v.meta)
+            crcs = (v.checksums() or {}).get("img") if v.has_rgb else None
+        flow_batch, batch = flow_batch or make_flow_batch(opts.algo, opts.preset, opts.device)
+        writer = open_backward_writer(opts.format, store_root, video_id)
+        prevs: list = []
+        nexts: list = []
+
+        def flush() -> None:
+            for f in flow_batch(nexts, prevs) if prevs else ():
+                writer.write_flow(quantize(f, opts.bound))
+            prevs.clear()
+            nexts.clear()
+
+        redo = (f"delete {video_path(store_root, video_id, opts.format)} and run again to extract it afresh, "
+                "or --overwrite to redo every video")
+        prev = None
+        count = 0
+        for frame in read_frames(src, opts.size, opts.short_side, opts.step, opts.max_frames):
+            if count >= stored["frames"]:
+                raise VideoError(f"the source now decodes to more than the {stored['frames']} frames the store "
+                                 f"holds, so backward flows would not match the stored forward ones; {redo}")
+            if crcs is not None and zlib.crc32(encode_jpeg(frame, opts.jpeg_quality)) != crcs[count]:
+                raise VideoError(f"frame {count + 1} of the source differs from the stored one (changed since it was "
+                                 f"extracted?), so backward flows would not match the stored forward ones; {redo}")
+            count += 1
+            gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            if prev is not None:
+                prevs.append(prev)
+                nexts.append(gray)
+                if len(prevs) >= batch:
+                    flush()
+            prev = gray
+            if _test_exit_marker and writer.bflows >= 2:
+                _test_exit(_test_exit_marker)
+            if _test_delay:
+                time.sleep(_test_delay)
+        flush()
+        if count != stored["frames"]:
+            raise VideoError(f"the source now decodes to {count} frames but the store holds {stored['frames']}, so "
+                             f"backward flows would not match the stored forward ones; {redo}")
+        writer.commit({"direction": "both"})
+        return manifest_record(video_id, src, frames=stored["frames"], flows=stored["flows"], size=stored.get("size"),
+                               seconds=time.perf_counter() - t0, status="partial" if stored.get("partial") else "ok",
+                               declared_frames=stored.get("declared_frames"),
+                               decoded_frames=stored.get("decoded_frames"), warning=stored.get("warning"),
+                               bflows=writer.bflows)
+    except BaseException as e:
+        if writer is not None:
+            writer.abort()
+        if not isinstance(e, Exception):
+            raise
+        reason, stop = _failure(e, store_root)
+        return failed_record(video_id, src, f"adding backward flows: {reason}", time.perf_counter() - t0, errno=stop)
+
+
 def _run_one(src: str, root: str, video_id: str, opts: ExtractOptions, marker: str | None, service=None,
-             delay: float = 0.0) -> dict:
+             delay: float = 0.0, backward_only: bool = False) -> dict:
     """Task body for both backends (a module-level function, so workers import it by name).
 
     `service`: a FlowService actor (Ray, --device cuda) that computes this task's flow batches.
+    `backward_only`: the video is whole forward; add its backward flows (`add_backward`).
     """
     set_single_thread()
     flow_batch = None
@@ -273,8 +381,8 @@ def _run_one(src: str, root: str, video_id: str, opts: ExtractOptions, marker: s
         from flowprep.flow_service import service_flow_batch
 
         flow_batch = service_flow_batch(service)
-    return extract_video(src, root, video_id, opts, flow_batch=flow_batch, _test_exit_marker=marker,
-                         _test_delay=delay)
+    task = add_backward if backward_only else extract_video
+    return task(src, root, video_id, opts, flow_batch=flow_batch, _test_exit_marker=marker, _test_delay=delay)
 
 
 def _delay_from_env() -> float:
@@ -304,7 +412,7 @@ def _keep_ray_logs(temp_dir: str, dest: Path) -> None:
 
 
 def _run_ray(todo, out: Path, opts: ExtractOptions, workers: int, address: str | None,
-             markers: dict[str, str], state: dict | None = None) -> Iterator[dict]:
+             markers: dict[str, str], state: dict | None = None, upgrades: frozenset = frozenset()) -> Iterator[dict]:
     """Yield the records of `todo` as Ray finishes them. `state["logs"]` is set to the folder
     holding the local cluster's logs when a task's worker died (they outlive the job)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -347,7 +455,8 @@ def _run_ray(todo, out: Path, opts: ExtractOptions, workers: int, address: str |
             nonlocal submitted
             for vid, src in queue:
                 service = services[submitted % len(services)] if services else None
-                inflight[task.remote(str(src), str(out), vid, opts, markers.get(vid), service, delay)] = (vid, src)
+                inflight[task.remote(str(src), str(out), vid, opts, markers.get(vid), service, delay,
+                                     vid in upgrades)] = (vid, src)
                 submitted += 1
                 return
 
@@ -386,13 +495,15 @@ def _run_ray(todo, out: Path, opts: ExtractOptions, workers: int, address: str |
                 shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _run_joblib(todo, out: Path, opts: ExtractOptions, workers: int, markers: dict[str, str]) -> Iterator[dict]:
+def _run_joblib(todo, out: Path, opts: ExtractOptions, workers: int, markers: dict[str, str],
+                upgrades: frozenset = frozenset()) -> Iterator[dict]:
     """Yield the records of `todo` from worker processes on this machine (flowprep/pool.py)."""
     from flowprep.pool import WorkerDied, run_tasks
 
     sources = dict(todo)
     delay = _delay_from_env()
-    tasks = ((vid, (str(src), str(out), vid, opts, markers.get(vid), None, delay)) for vid, src in todo)
+    tasks = ((vid, (str(src), str(out), vid, opts, markers.get(vid), None, delay, vid in upgrades))
+             for vid, src in todo)
     for vid, result in run_tasks(_run_one, tasks, workers or _local_cores(), retries=3):
         if isinstance(result, WorkerDied):
             yield failed_record(vid, sources[vid], result.reason())
@@ -409,6 +520,7 @@ class Summary:
     out: Path
     total: int = 0
     done: list[str] = field(default_factory=list)  # extracted by this run (partial ones included)
+    upgraded: list[str] = field(default_factory=list)  # whole forward videos that gained backward flows
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     partial: dict[str, str] = field(default_factory=dict)  # extracted, but the source was cut short
@@ -426,7 +538,8 @@ class Summary:
 
     def format(self) -> str:
         rate = self.pairs / self.seconds if self.seconds > 0 else 0.0
-        lines = [f"{self.total} videos: {len(self.done)} extracted, {len(self.skipped)} already done (skipped), "
+        added = f", {len(self.upgraded)} gained backward flows" if self.upgraded else ""
+        lines = [f"{self.total} videos: {len(self.done)} extracted{added}, {len(self.skipped)} already done (skipped), "
                  f"{len(self.failed)} failed" + (f", {len(self.partial)} partial" if self.partial else "")
                  + f"; {self.pairs} frame pairs in {self.seconds:.1f} s ({rate:.2f} pairs/s)",
                  f"store: {self.out}"]
@@ -441,8 +554,15 @@ class Summary:
         return "\n".join(lines)
 
 
+# Parameters added after the first stores were made: what a store.json without them means.
+PARAM_DEFAULTS = {"direction": "forward", "flow_codec": "jpeg"}
+
+
 def _check_store_params(out: Path, info: dict, overwrite: bool) -> dict:
-    """The store's recorded settings (empty for a new store); raises if they differ from `info`."""
+    """The store's recorded settings (empty for a new store); raises if they differ from `info`.
+
+    One difference is accepted: direction forward -> both (the videos gain backward flows).
+    """
     try:
         old = read_store_info(out)
     except StoreError:
@@ -450,7 +570,15 @@ def _check_store_params(out: Path, info: dict, overwrite: bool) -> dict:
             raise ExtractError(f"{out / STORE_INFO} is damaged, so the parameters this store was made with are "
                                "unknown; run with --overwrite (redoes every video) or use another --out") from None
         return {}
-    params = {k: v for k, v in old.items() if k not in LISTING_KEYS}
+    if old.get("adopted_from") and not overwrite:
+        raise ExtractError(f"{out} was made by `flowprep adopt` from {old['adopted_from']}, not extracted: its "
+                           "parameters are unknown, so extracted videos cannot join it; use another --out")
+    params = {**PARAM_DEFAULTS, **{k: v for k, v in old.items() if k not in LISTING_KEYS}}
+    if store_direction(params) == "both" and info["direction"] == "forward" and not overwrite:
+        raise ExtractError(f"{out} holds backward flows too (direction both); resume it with --direction both, or "
+                           "use --overwrite to redo every video forward only")
+    if store_direction(params) == "forward" and info["direction"] == "both":
+        params["direction"] = "both"  # an upgrade: the videos gain backward flows (add_backward)
     if params != info and not overwrite:
         diff = ", ".join(f"{k}: store has {params.get(k)!r}, asked {info.get(k)!r}"
                          for k in sorted(set(params) | set(info)) if params.get(k) != info.get(k))
@@ -616,12 +744,13 @@ def _run_locked(summary: Summary, lock: StoreLock, videos: Path, out: Path, opts
         if progress:
             log.info(f"flowprep: --repair: checking every frame of {out} first")
         report = verify_store(out, record=False, lock=False)
-        findings.update(report.problems)
+        findings.update(report.damaged)
         asked = dict(found)
         damaged = sorted(v for v in report.problems if v in asked)
         summary.notes.append(f"--repair: verify found {len(report.problems)} video(s) with problems"
                              + "".join(f"\n    {v}: {report.problems[v]}" for v in damaged[:20]))
     todo = []
+    upgrades = set()  # whole forward videos of a store now asked for backward flows too
     for vid, src in found:
         if not overwrite and vid not in findings and store.check(vid) is None:
             summary.skipped.append(vid)
@@ -630,9 +759,12 @@ def _run_locked(summary: Summary, lock: StoreLock, videos: Path, out: Path, opts
                     append_manifest(out, manifest_record(
                         vid, src, frames=v.num_frames, flows=v.num_flows, size=v.meta.get("size"),
                         status="partial" if v.meta.get("partial") else "ok", warning=v.meta.get("warning"),
-                        declared_frames=v.meta.get("declared_frames"), decoded_frames=v.meta.get("decoded_frames")))
+                        declared_frames=v.meta.get("declared_frames"), decoded_frames=v.meta.get("decoded_frames"),
+                        bflows=v.num_bflows))
         else:
             todo.append((vid, src))
+            if not overwrite and vid not in findings and opts.direction == "both" and store.needs_backward(vid):
+                upgrades.add(vid)
 
     markers = {}
     if os.environ.get(TEST_EXIT_ENV):
@@ -643,11 +775,12 @@ def _run_locked(summary: Summary, lock: StoreLock, videos: Path, out: Path, opts
     if not todo:
         results = iter(())  # nothing to do: do not start a cluster
     elif backend == "ray":
-        results = _run_ray(todo, out, opts, workers, address, markers, state)
+        results = _run_ray(todo, out, opts, workers, address, markers, state, frozenset(upgrades))
     else:
-        results = _run_joblib(todo, out, opts, workers, markers)
+        results = _run_joblib(todo, out, opts, workers, markers, frozenset(upgrades))
     if progress:
-        log.info(f"flowprep: {len(found)} videos, {len(summary.skipped)} already done, {len(todo)} to extract "
+        adding = f" ({len(upgrades)} of them only to add backward flows)" if upgrades else ""
+        log.info(f"flowprep: {len(found)} videos, {len(summary.skipped)} already done, {len(todo)} to extract{adding} "
                  f"with {backend} ({workers or 'all'} workers{' on ' + address if address else ''}) into {out}")
         for note in summary.notes:
             log.info(f"note: {note}")
@@ -660,10 +793,14 @@ def _run_locked(summary: Summary, lock: StoreLock, videos: Path, out: Path, opts
                 append_manifest(out, rec)
                 vid = rec["id"]
                 if rec["status"] in DONE:
-                    summary.done.append(vid)
-                    summary.pairs += rec["flows"]
+                    if vid in upgrades:
+                        summary.upgraded.append(vid)
+                        summary.pairs += rec["bflows"]
+                    else:
+                        summary.done.append(vid)
+                        summary.pairs += rec["flows"] + rec["bflows"]
                     findings.pop(vid, None)
-                    if rec["status"] == "partial":
+                    if rec["status"] == "partial" and vid not in upgrades:
                         summary.partial[vid] = rec["warning"]
                 else:
                     summary.failed[vid] = rec["error"]

@@ -11,19 +11,46 @@ JPEG store (denseflow / MMAction2 layout, readable as-is by TSN-style loaders)::
 
 HDF5 store (one file per video instead of thousands of small files)::
 
-    OUT/<class>/<video>.h5   datasets rgb, flow_x, flow_y (and bflow_x, bflow_y): one JPEG-encoded
-                             frame per element (variable-length uint8, chunked one frame per chunk),
-                             attrs as meta.json
+    OUT/<class>/<video>.h5   datasets rgb, flow_x, flow_y (and bflow_x, bflow_y), attrs as meta.json
 
-Flow is kept JPEG-encoded in HDF5 too: on bikes.mp4 at 340x256, 4.2 KiB per flow component
-frame against 10.2 KiB for gzip'd (level 4) raw uint8 chunks.
+RGB is always one JPEG per element (variable-length uint8, one frame per chunk). Flow has two
+codecs (`--flow-codec`, store.json and meta "flow_codec"):
+
+- jpeg (default): like RGB, one JPEG per flow component frame. Smallest, lossy (q95 on bikes.mp4
+  flow: 12% of the codes change, by 0.13 levels on average and at most 9, a level being 2b/255 =
+  0.16 px), and a L=10 stack costs 20 JPEG decodes.
+- raw: flow_x / flow_y (bflow_*) are uint8 arrays of shape (n-1, H, W), one frame per chunk,
+  uncompressed. Lossless and the fastest to read; 14x the bytes of jpeg.
+
+Why raw is uncompressed: `VideoReader.flow_stack(t, 10)` (read + decode + interleave, both
+components), bikes.mp4 at 340x256, TV-L1 fast, bound 20, one core of a shared 2-core Xeon (min
+of 5 medians of 200 random stacks; absolute times are rough), and bytes per flow component frame::
+
+    JPEG store (files), q95            6.1 KB    3.6 ms   (5.7 ms before cv2.merge replaced np.stack)
+    HDF5, jpeg flow, q95               6.1 KB    3.6 ms
+    HDF5, raw, no filter              87.0 KB    0.9 ms   <- raw
+    HDF5, raw, lzf                    31.7 KB    6.4 ms
+    HDF5, raw, gzip 1                 20.8 KB    5.6 ms   (shuffle + gzip 1: the same; shuffle is a no-op on bytes)
+    HDF5, raw, gzip 4                 17.1 KB    5.1 ms   (gzip 2 / 3: 19.5 / 18.5 KB, in between)
+    raw, scaleoffset (lossless)       73.6 KB    4.2 ms   (measured with h5py directly, as the two below)
+    raw interleaved (n,H,W,2)         87.0 KB    4.6 ms   (the transpose to HxWx2L costs more than it saves)
+    raw as (H,W,n,2), chunk (H,W,10,2) 87.4 KB   1.4 ms   (no interleave step, but slower reads)
+    raw, no filter, chunk (10,H,W)    87.4 KB    1.1 ms
+
+Every built-in filter inflates at 250-350 MB/s here, so a stack (1.7 MB of planes) costs more to
+decompress than its 20 JPEGs cost to decode, at 3x their bytes: compressed raw loses to jpeg on
+both counts. One frame per chunk: a stack is one read per component, of L consecutive chunks
+and nothing outside the stack, straight into a preallocated buffer (`read_direct`), then one
+`cv2.merge` interleaves the 2L planes into HxWx2L (x1, y1, x2, y2, ...), 3x faster than numpy's
+strided copy. Readers do not depend on the filter (HDF5 applies it), so a store written with
+another one reads the same; meta "flow_storage" records what was used.
 
 With `--no-rgb` a video keeps only its flow: meta "rgb" is false, no img files / an empty rgb
 dataset, and "frames" still counts the decoded frames, so flows = frames - 1 holds in every store.
 
-Every stored frame has a checksum: the CRC32 of its encoded JPEG bytes, taken as it is written
-(meta.json "crc32": per kind, 8 hex digits per frame in order; in HDF5, uint32 datasets crc32_rgb,
-crc32_flow_x, ...). A decoder accepts a JPEG with bytes changed in place (it just shows the wrong
+Every stored frame has a checksum: the CRC32 of its stored bytes (the JPEG; for raw flow the
+HxW plane, row-major), taken as it is written (meta.json "crc32": per kind, 8 hex digits per frame
+in order; in HDF5, uint32 datasets crc32_rgb, crc32_flow_x, ...). A decoder accepts a JPEG with bytes changed in place (it just shows the wrong
 picture), so only the checksum finds such damage; `flowprep verify` checks every one. The cheap
 `Store.check` (resume, training) compares counts only: a full pass reads every byte.
 
@@ -44,6 +71,21 @@ these names (`id_problem`).
 
 A video is written under a temporary name (`.tmp.*`) and renamed into place when whole,
 so an interrupted job never leaves a half video that looks complete.
+
+Backward flows added to a finished video (`extract --direction both` on a forward store,
+`open_backward_writer`) never touch its forward frames. JPEG: the bflow files are written into a
+temporary folder inside the video folder, moved into place, and meta.json (rewritten atomically,
+last) is what makes them count: until then meta says bflows 0, and a folder holding bflow files
+that meta does not count fails `Store.check`. HDF5: the file is copied to a temporary name, the
+datasets are added to the copy, and the copy replaces the file when whole: the forward datasets
+keep their bytes (copied, not recomputed or re-encoded), a crash leaves the original file as it
+was, and a trainer reading the file meanwhile keeps reading the old one. (Adding the datasets in
+place with h5py's r+ would save the copy, but HDF5 has no journal: a crash mid-write can leave
+the whole file, forward flows included, unreadable.)
+
+A store whose store.json says direction "both" requires backward flows of every video
+(`Store.check`); stores written before `direction` and `flow_codec` existed read as "forward"
+and "jpeg".
 """
 from __future__ import annotations
 
@@ -69,6 +111,8 @@ LOGS = ".logs"
 LISTS = "lists"  # MMAction2 list files (flowprep/lists.py)
 META = "meta.json"
 FORMATS = ("jpeg", "hdf5")
+FLOW_CODECS = ("jpeg", "raw")
+DIRECTIONS = ("forward", "both")
 FLOW_KINDS = {False: ("flow_x", "flow_y"), True: ("bflow_x", "bflow_y")}  # backward?
 KINDS = ("img", "flow_x", "flow_y", "bflow_x", "bflow_y")
 H5_NAMES = {"img": "rgb", "flow_x": "flow_x", "flow_y": "flow_y", "bflow_x": "bflow_x", "bflow_y": "bflow_y"}
@@ -262,8 +306,28 @@ def crc_list(text: str) -> list[int]:
     return [int(text[i:i + 8], 16) for i in range(0, len(text), 8)]
 
 
+def _merge(planes: list[np.ndarray]) -> np.ndarray:
+    """HxW planes -> HxWxC in one pass (cv2.merge: about 3x faster than np.stack's strided copy)."""
+    if 2 <= len(planes) <= 512:  # OpenCV's channel limit (CV_CN_MAX)
+        return cv2.merge(planes)
+    return np.stack(planes, axis=-1)
+
+
+def _plane(q: np.ndarray, c: int) -> np.ndarray:
+    return np.ascontiguousarray(q[..., c])
+
+
+def _read_meta(path: Path, video_id: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} of video {video_id} is damaged (not JSON: {e}); `flowprep extract` redoes it") from None
+
+
 class JpegVideoWriter:
     """Writes one video's frames into a temporary folder; `commit` renames it into place."""
+
+    flow_codec = "jpeg"
 
     def __init__(self, root: str | Path, video_id: str, jpeg_quality: int = 95):
         self.final = video_path(root, video_id, "jpeg")
@@ -303,7 +367,8 @@ class JpegVideoWriter:
     def commit(self, meta: dict) -> Path:
         crc = {k: crc_hex(v) for k, v in self.crc.items() if v or k in ("img", "flow_x", "flow_y")}
         meta = dict(meta, frames=self.frames, flows=self.flows, bflows=self.bflows, format="jpeg", encoding="jpeg",
-                    jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True, crc32=crc)
+                    flow_codec="jpeg", jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True,
+                    crc32=crc)
         (self.tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         if self.final.is_symlink() or self.final.is_file():
             # Not a copy of ours (ids are checked, so this is inside the store): refuse to replace it.
@@ -331,39 +396,56 @@ class JpegVideoWriter:
 
 
 class Hdf5VideoWriter:
-    """Writes one video into a temporary .h5 file, appending frame by frame (bounded memory)."""
+    """Writes one video into a temporary .h5 file, appending frame by frame (bounded memory).
 
-    def __init__(self, root: str | Path, video_id: str, jpeg_quality: int = 95):
+    flow_codec "jpeg": flows as JPEGs like RGB; "raw": uint8 (n-1, H, W) datasets (module docstring).
+    """
+
+    def __init__(self, root: str | Path, video_id: str, jpeg_quality: int = 95, flow_codec: str = "jpeg"):
         import h5py
 
+        if flow_codec not in FLOW_CODECS:
+            raise ValueError(f"flow_codec must be one of {FLOW_CODECS}, got {flow_codec!r}")
         self.final = video_path(root, video_id, "hdf5")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_name(self.final)
         self.quality = jpeg_quality
+        self.flow_codec = flow_codec
         self.file = h5py.File(self.tmp, "w")
         self.ds = {}
-        for name in ("rgb", "flow_x", "flow_y"):
-            self._dataset(name)
+        self._dataset("rgb")
+        if flow_codec == "jpeg":  # raw flow datasets need the frame size: made on the first flow
+            for name in ("flow_x", "flow_y"):
+                self._dataset(name)
         self.frames = 0
         self.flows = 0
         self.bflows = 0
         self.rgb_written = 0
         self.crc: dict[str, list[int]] = {"rgb": [], "flow_x": [], "flow_y": []}
 
-    def _dataset(self, name: str):
+    def _dataset(self, name: str, plane: tuple[int, int] | None = None):
         import h5py
 
         if name not in self.ds:
             # track_times=False keeps the file byte-identical for identical input.
-            self.ds[name] = self.file.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1,),
-                                                     dtype=h5py.vlen_dtype(np.uint8), track_times=False)
+            if name == "rgb" or self.flow_codec == "jpeg":
+                self.ds[name] = self.file.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1,),
+                                                         dtype=h5py.vlen_dtype(np.uint8), track_times=False)
+            else:
+                h, w = plane
+                self.ds[name] = self.file.create_dataset(name, shape=(0, h, w), maxshape=(None, h, w),
+                                                         chunks=(1, h, w), dtype=np.uint8, track_times=False,
+                                                         **RAW_FILTER)
         return self.ds[name]
 
-    def _append(self, name: str, data: bytes) -> None:
-        ds = self._dataset(name)
+    def _append(self, name: str, data: bytes | np.ndarray) -> None:
+        raw = isinstance(data, np.ndarray)
+        ds = self._dataset(name, data.shape if raw else None)
         n = ds.shape[0]
-        ds.resize((n + 1,))
-        ds[n] = np.frombuffer(data, np.uint8)
+        if raw and data.shape != ds.shape[1:]:
+            raise StoreError(f"a flow field of shape {data.shape} in a video of {ds.shape[1:]} frames")
+        ds.resize((n + 1, *ds.shape[1:]))
+        ds[n] = data if raw else np.frombuffer(data, np.uint8)
         self.crc.setdefault(name, []).append(zlib.crc32(data))
 
     def write_rgb(self, bgr: np.ndarray) -> None:
@@ -377,20 +459,25 @@ class Hdf5VideoWriter:
 
     def write_flow(self, q: np.ndarray, backward: bool = False) -> None:
         for c, kind in enumerate(FLOW_KINDS[backward]):
-            self._append(kind, encode_jpeg(q[..., c], self.quality))
+            self._append(kind, _plane(q, c) if self.flow_codec == "raw" else encode_jpeg(q[..., c], self.quality))
         if backward:
             self.bflows += 1
         else:
             self.flows += 1
 
-    def commit(self, meta: dict) -> Path:
-        meta = dict(meta, frames=self.frames, flows=self.flows, bflows=self.bflows, format="hdf5", encoding="jpeg",
-                    jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True)
-        for k, v in meta.items():
-            self.file.attrs[k] = json.dumps(v)  # JSON keeps nested params and types exact
+    def _storage(self) -> dict:
+        if self.flow_codec == "jpeg":
+            return {"layout": "one JPEG per element", "jpeg_quality": self.quality}
+        ds = self.ds.get("flow_x")
+        return {"layout": "uint8 (n-1, H, W)", "chunks": list(ds.chunks) if ds is not None else None,
+                "compression": ds.compression if ds is not None else RAW_FILTER.get("compression")}
+
+    def _write_crcs(self) -> None:
         for name, crcs in self.crc.items():
             # Datasets, not attributes: an attribute holds at most 64 KiB, 16k frames' checksums.
             self.file.create_dataset(f"crc32_{name}", data=np.array(crcs, np.uint32), track_times=False)
+
+    def _replace_final(self, meta: dict) -> Path:
         self.file.close()
         if self.final.is_dir():
             self.tmp.unlink(missing_ok=True)
@@ -398,6 +485,15 @@ class Hdf5VideoWriter:
                              "not a video file; move it out of the store")
         os.replace(self.tmp, self.final)
         return self.final
+
+    def commit(self, meta: dict) -> Path:
+        meta = dict(meta, frames=self.frames, flows=self.flows, bflows=self.bflows, format="hdf5", encoding="jpeg",
+                    flow_codec=self.flow_codec, flow_storage=self._storage(), jpeg_quality=self.quality,
+                    rgb=self.rgb_written == self.frames, complete=True)
+        for k, v in meta.items():
+            self.file.attrs[k] = json.dumps(v)  # JSON keeps nested params and types exact
+        self._write_crcs()
+        return self._replace_final(meta)
 
     def abort(self) -> None:
         try:
@@ -413,12 +509,115 @@ class Hdf5VideoWriter:
             self.abort()
 
 
-def open_writer(fmt: str, root: str | Path, video_id: str, jpeg_quality: int = 95):
-    """A writer for one video: `write_rgb`, `write_flow`, then `commit(meta)` (or `abort`)."""
+# Raw flow datasets: no compression filter (module docstring: every built-in one costs more to
+# inflate than JPEG costs to decode). A dict of h5py create_dataset keywords.
+RAW_FILTER: dict = {}
+
+
+def open_writer(fmt: str, root: str | Path, video_id: str, jpeg_quality: int = 95, flow_codec: str = "jpeg"):
+    """A writer for one video: `write_rgb`, `write_flow`, then `commit(meta)` (or `abort`).
+
+    flow_codec: "jpeg", or "raw" (HDF5 only): uncompressed uint8 flow planes, lossless and fastest to read.
+    """
+    if flow_codec not in FLOW_CODECS:
+        raise ValueError(f"flow_codec must be one of {FLOW_CODECS}, got {flow_codec!r}")
     if fmt == "jpeg":
+        if flow_codec != "jpeg":
+            raise ValueError("flow_codec 'raw' needs the hdf5 format: a JPEG store is one JPEG file per frame")
         return JpegVideoWriter(root, video_id, jpeg_quality)
     if fmt == "hdf5":
-        return Hdf5VideoWriter(root, video_id, jpeg_quality)
+        return Hdf5VideoWriter(root, video_id, jpeg_quality, flow_codec)
+    raise ValueError(f"store format must be one of {FORMATS}, got {fmt!r}")
+
+
+# ---------------------------------------------------------------- adding backward flows
+
+class JpegBackwardWriter:
+    """Adds backward flows to a finished JPEG-store video: files into a temporary folder inside it,
+    moved into place at `commit`, then meta.json rewritten (atomically, last: what makes them count).
+    The forward files are never opened for writing."""
+
+    def __init__(self, root: str | Path, video_id: str):
+        self.final = video_path(root, video_id, "jpeg")
+        self.meta = _read_meta(self.final / META, video_id)
+        self.quality = int(self.meta.get("jpeg_quality", 95))
+        self.tmp = temp_name(self.final / "bflow")
+        self.tmp.mkdir()
+        self.bflows = 0
+        self.crc: dict[str, list[int]] = {"bflow_x": [], "bflow_y": []}
+
+    def write_flow(self, q: np.ndarray, backward: bool = True) -> None:
+        for c, kind in enumerate(FLOW_KINDS[True]):
+            data = encode_jpeg(q[..., c], self.quality)
+            (self.tmp / frame_name(kind, self.bflows)).write_bytes(data)
+            self.crc[kind].append(zlib.crc32(data))
+        self.bflows += 1
+
+    def commit(self, changes: dict) -> Path:
+        for entry in sorted(os.listdir(self.tmp)):
+            os.replace(self.tmp / entry, self.final / entry)
+        self.tmp.rmdir()
+        crc = dict(self.meta.get("crc32") or {}, **{k: crc_hex(v) for k, v in self.crc.items()})
+        meta = dict(self.meta, **changes, bflows=self.bflows, crc32=crc)
+        write_json_atomic(self.final / META, meta)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+class Hdf5BackwardWriter(Hdf5VideoWriter):
+    """Adds backward flows to a finished .h5 video: a copy of the file gains the datasets and
+    replaces it when whole (module docstring: why a copy and not h5py's r+ in place)."""
+
+    def __init__(self, root: str | Path, video_id: str):
+        import h5py
+
+        self.final = video_path(root, video_id, "hdf5")
+        self.tmp = temp_name(self.final)
+        shutil.copyfile(self.final, self.tmp)
+        try:
+            self.file = h5py.File(self.tmp, "r+")
+            self.meta = {k: json.loads(v) for k, v in self.file.attrs.items()}
+        except (OSError, ValueError) as e:
+            self.tmp.unlink(missing_ok=True)
+            raise StoreError(f"{self.final} is not a readable video file: {e}") from e
+        self.quality = int(self.meta.get("jpeg_quality", 95))
+        self.flow_codec = self.meta.get("flow_codec", "jpeg")
+        for name in ("bflow_x", "bflow_y", "crc32_bflow_x", "crc32_bflow_y"):  # none in a whole forward file
+            if name in self.file:
+                del self.file[name]
+        self.ds = {}
+        self.bflows = 0
+        self.flows = int(self.meta["flows"])
+        self.crc = {"bflow_x": [], "bflow_y": []}
+
+    def write_flow(self, q: np.ndarray, backward: bool = True) -> None:
+        super().write_flow(q, backward=True)
+
+    def commit(self, changes: dict) -> Path:
+        meta = dict(self.meta, **changes, bflows=self.bflows)
+        for k, v in meta.items():
+            self.file.attrs[k] = json.dumps(v)
+        self._write_crcs()
+        return self._replace_final(meta)
+
+
+def open_backward_writer(fmt: str, root: str | Path, video_id: str):
+    """A writer adding backward flows to a finished video: `write_flow(q)` per flow (frame i+1 to
+    frame i, in order), then `commit(meta changes)` (or `abort`); the forward frames are left as
+    they are. Same codec and JPEG quality as the video's forward flows."""
+    if fmt == "jpeg":
+        return JpegBackwardWriter(root, video_id)
+    if fmt == "hdf5":
+        return Hdf5BackwardWriter(root, video_id)
     raise ValueError(f"store format must be one of {FORMATS}, got {fmt!r}")
 
 
@@ -429,8 +628,9 @@ class VideoReader:
 
     `rgb(i)` -> HxWx3 uint8 RGB; `flow(i)` -> HxWx2 uint8 (x, y); `flow_stack(i, L)` -> HxWx2L
     uint8 ordered x_i, y_i, x_i+1, y_i+1, ...; `backward=True` reads the backward flows (frame
-    i+1 to frame i) of a store extracted with --direction both; `*_bytes` give the encoded JPEG
-    for decoders elsewhere (e.g. torchvision.io.decode_jpeg).
+    i+1 to frame i) of a store extracted with --direction both. `*_bytes` give the stored bytes:
+    the encoded JPEG (for decoders elsewhere, e.g. torchvision.io.decode_jpeg), or for raw flow
+    (`flow_codec == "raw"`) the HxW uint8 plane.
     """
 
     def __init__(self, root: Path, video_id: str, fmt: str):
@@ -438,11 +638,13 @@ class VideoReader:
         self.format = fmt
         self.path = video_path(root, video_id, fmt)
         self._h5 = None
+        self._ds: dict = {}
+        self._bufs: dict[tuple, np.ndarray] = {}  # raw flow read buffers, by shape
         if fmt == "jpeg":
             meta_path = self.path / META
             if not meta_path.is_file():
                 raise StoreError(f"video {video_id} is not in the store {root} (no {meta_path})")
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = _read_meta(meta_path, video_id)
         else:
             import h5py
 
@@ -457,19 +659,32 @@ class VideoReader:
         self.num_flows = int(self.meta["flows"])
         self.num_bflows = int(self.meta.get("bflows", 0))
         self.has_rgb = bool(self.meta.get("rgb", True))  # False: extracted with --no-rgb (flow only)
+        self.flow_codec = self.meta.get("flow_codec", "jpeg")
+        self._raw = self._h5 is not None and self.flow_codec == "raw"
 
-    def _bytes(self, kind: str, i: int) -> bytes:
+    def _dataset(self, kind: str):
+        """The HDF5 dataset of `kind`, looked up once (a lookup costs about as much as a small read)."""
+        ds = self._ds.get(kind)
+        if ds is None:
+            ds = self._ds[kind] = self._h5[H5_NAMES[kind]]
+        return ds
+
+    def _check_index(self, kind: str, i: int, length: int = 1) -> None:
         if kind == "img" and not self.has_rgb:
             raise StoreError(f"video {self.video_id} was extracted with --no-rgb: the store holds flow only; "
                              "re-extract with --rgb for the spatial stream")
         if kind.startswith("bflow") and not self.num_bflows:
             raise StoreError(f"video {self.video_id} has no backward flow; extract with --direction both")
         n = self.num_frames if kind == "img" else self.num_bflows if kind.startswith("bflow") else self.num_flows
-        if not 0 <= i < n:
-            raise IndexError(f"{kind} index {i} out of range for {self.video_id} ({n} stored)")
+        if not (0 <= i and i + length <= n):
+            what = f"index {i}" if length == 1 else f"indices {i}..{i + length - 1}"
+            raise IndexError(f"{kind} {what} out of range for {self.video_id} ({n} stored)")
+
+    def _bytes(self, kind: str, i: int) -> bytes:
+        self._check_index(kind, i)
         if self._h5 is None:
             return (self.path / frame_name(kind, i)).read_bytes()
-        return self._h5["rgb" if kind == "img" else kind][i].tobytes()
+        return self._dataset(kind)[i].tobytes()
 
     def rgb_bytes(self, i: int) -> bytes:
         return self._bytes("img", i)
@@ -481,7 +696,7 @@ class VideoReader:
         return self.num_bflows if kind.startswith("bflow") else self.num_flows
 
     def frame_bytes(self, kind: str, i: int) -> bytes:
-        """Encoded JPEG of frame i (0-based) of `kind`."""
+        """Stored bytes of frame i (0-based) of `kind`: a JPEG, or a raw HxW plane (raw flow)."""
         return self._bytes(kind, i)
 
     def checksums(self) -> dict[str, list[int]] | None:
@@ -505,29 +720,50 @@ class VideoReader:
     def rgb(self, i: int) -> np.ndarray:
         return decode_jpeg(self.rgb_bytes(i), gray=False, what=self._what("img", i))
 
+    def _raw_planes(self, start: int, length: int, backward: bool) -> np.ndarray:
+        """(2, length, H, W) uint8: x then y planes of flows start.., read straight into a reused buffer
+        (one contiguous read per component: a chunk per frame, so nothing outside the range is read)."""
+        kx, ky = FLOW_KINDS[backward]
+        self._check_index(kx, start, length)
+        dx, dy = self._dataset(kx), self._dataset(ky)
+        shape = (2, length, *dx.shape[1:])
+        buf = self._bufs.get(shape)
+        if buf is None:
+            buf = self._bufs[shape] = np.empty(shape, np.uint8)
+        sel = np.s_[start:start + length]
+        dx.read_direct(buf[0], sel)
+        dy.read_direct(buf[1], sel)
+        return buf
+
     def flow(self, i: int, backward: bool = False) -> np.ndarray:
+        if self._raw:
+            b = self._raw_planes(i, 1, backward)
+            return _merge([b[0, 0], b[1, 0]])
         bx, by = self.flow_bytes(i, backward)
         kx, ky = FLOW_KINDS[backward]
-        return np.stack([decode_jpeg(bx, True, self._what(kx, i)), decode_jpeg(by, True, self._what(ky, i))], axis=-1)
+        return _merge([decode_jpeg(bx, True, self._what(kx, i)), decode_jpeg(by, True, self._what(ky, i))])
 
     def flow_stack(self, start: int, length: int, backward: bool = False) -> np.ndarray:
-        if self._h5 is None:
-            return np.concatenate([self.flow(start + k, backward) for k in range(length)], axis=-1)
-        n = self.num_bflows if backward else self.num_flows
-        if not (0 <= start and start + length <= n):
-            raise IndexError(f"flows {start}..{start + length - 1} out of range for {self.video_id} ({n} stored)")
-        if backward and not n:
-            raise StoreError(f"video {self.video_id} has no backward flow; extract with --direction both")
-        # One HDF5 read per direction: about 10x cheaper than 2L single-element reads.
+        """HxWx2L uint8, x_start, y_start, x_start+1, ...: two HDF5 reads (one per component) in an
+        HDF5 store, then one interleave (cv2.merge, which copies: the result is the caller's)."""
         kx, ky = FLOW_KINDS[backward]
-        xs, ys = self._h5[kx][start:start + length], self._h5[ky][start:start + length]
-        return np.stack([decode_jpeg(b, True, self._what(k, start + i)) for i, pair in enumerate(zip(xs, ys))
-                         for k, b in zip((kx, ky), pair)], axis=-1)
+        if self._raw:
+            b = self._raw_planes(start, length, backward)
+            return _merge([b[c, k] for k in range(length) for c in (0, 1)])
+        self._check_index(kx, start, length)
+        if self._h5 is None:
+            return _merge([decode_jpeg((self.path / frame_name(k, start + j)).read_bytes(), True,
+                                       self._what(k, start + j)) for j in range(length) for k in (kx, ky)])
+        # One HDF5 read per direction: about 10x cheaper than 2L single-element reads.
+        xs, ys = self._dataset(kx)[start:start + length], self._dataset(ky)[start:start + length]
+        return _merge([decode_jpeg(b, True, self._what(k, start + i)) for i, pair in enumerate(zip(xs, ys))
+                       for k, b in zip((kx, ky), pair)])
 
     def close(self) -> None:
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
+            self._ds = {}
 
     def __enter__(self):
         return self
@@ -546,6 +782,11 @@ def count_files(folder: Path) -> tuple[int, ...]:
     return tuple(counts.values())
 
 
+def store_direction(info: dict) -> str:
+    """direction of a store (store.json, or a video's meta); "forward" for stores from before it was recorded."""
+    return info.get("direction") or "forward"
+
+
 class Store:
     """A store on disk. `Store(root)` reads OUT/store.json to learn the format, and OUT/verify.json:
     `check` rejects the videos the last `flowprep verify` found damaged (unless `findings=False`,
@@ -557,19 +798,23 @@ class Store:
             raise StoreError(f"store {self.root} does not exist; run `flowprep extract --videos DIR --out {self.root}` first")
         self.info = read_store_info(self.root)
         self.format = self.info["format"]
+        self.direction = store_direction(self.info)
         self.findings = read_findings(self.root) if findings else {}
 
     def open(self, video_id: str) -> VideoReader:
         return VideoReader(self.root, video_id, self.format)
 
-    def check(self, video_id: str) -> str | None:
+    def check(self, video_id: str, backward: bool | None = None) -> str | None:
         """Cheap completeness check (no decoding): None when whole, else the reason.
 
         Used to skip finished videos on resume and to reject incomplete ones before training;
         `flowprep verify` goes further: every frame's checksum, and a decode.
+        backward: require backward flows (default: when the store's direction is "both");
+        False checks the forward part only, ignoring backward files (is it ready to gain them?).
         """
         if video_id in self.findings:
             return f"flagged by flowprep verify: {self.findings[video_id]}; `flowprep extract` redoes it"
+        need = self.direction == "both" if backward is None else backward
         try:
             path = video_path(self.root, video_id, self.format)
             with self.open(video_id) as v:
@@ -579,22 +824,44 @@ class Store:
                     return f"{v.num_frames} frames but {v.num_flows} flows (expected frames - 1)"
                 if v.num_bflows not in (0, v.num_flows):
                     return f"{v.num_flows} forward but {v.num_bflows} backward flows"
+                if need and v.num_bflows != v.num_flows:
+                    return ("no backward flows, and the store is --direction both; `flowprep extract --direction "
+                            "both` adds them")
                 imgs = v.num_frames if v.has_rgb else 0
-                expected = (imgs, v.num_flows, v.num_flows, v.num_bflows, v.num_bflows)
+                bflows = v.num_bflows if backward is not False else 0
+                extra = v.meta.get("extra_files") or {}  # adopted in place: source files past the stored range
+                expected = tuple(n + int(extra.get(k, 0)) for k, n in
+                                 zip(KINDS, (imgs, v.num_flows, v.num_flows, bflows, bflows)))
+                kinds = KINDS if backward is not False else KINDS[:3]
                 if self.format == "jpeg":
                     counts = count_files(path)
-                    if counts != expected:
+                    if counts[:len(kinds)] != expected[:len(kinds)]:
                         return (f"meta.json says {imgs} images / {v.num_flows} flows / {v.num_bflows} backward "
                                 f"flows but the folder holds " + ", ".join(f"{n} {k}" for k, n in zip(KINDS, counts))
                                 + " files")
                 else:
-                    lens = tuple(v._h5[k].shape[0] if k in v._h5 else 0
-                                 for k in ("rgb", "flow_x", "flow_y", "bflow_x", "bflow_y"))
-                    if lens != expected:
+                    lens = tuple(v._h5[H5_NAMES[k]].shape[0] if H5_NAMES[k] in v._h5 else 0 for k in kinds)
+                    if lens != expected[:len(kinds)]:
                         return f"attributes say {v.num_frames}/{v.num_flows}/{v.num_bflows} but datasets hold {lens}"
-        except (StoreError, OSError, KeyError, ValueError) as e:
+                    if v.flow_codec == "raw":
+                        w, h = v.meta["size"]
+                        shapes = {v._h5[H5_NAMES[k]].shape[1:] for k in kinds[1:] if H5_NAMES[k] in v._h5}
+                        if shapes - {(h, w)}:
+                            return f"raw flow planes of shape {sorted(shapes)}, but the video is {w}x{h}"
+        except (StoreError, OSError, KeyError, ValueError, TypeError) as e:
             return str(e)
         return None
+
+    def needs_backward(self, video_id: str) -> bool:
+        """Whether the video's forward part is whole and it has no backward flows yet: it can gain
+        them (`extract --direction both`) without being redone."""
+        if self.check(video_id, backward=False) is not None:
+            return False
+        try:
+            with self.open(video_id) as v:
+                return v.num_bflows == 0
+        except (StoreError, OSError, KeyError, ValueError):
+            return False
 
     def video_ids(self) -> list[str]:
         """Ids of the videos present in the store (complete or not; see `check`), sorted."""

@@ -3,13 +3,16 @@
 `Store.check` (used to resume and before training) only compares counts. This also reads every
 stored frame and compares the CRC32 of its bytes with the one recorded when it was written, so
 damage in place (bytes zeroed or flipped inside a JPEG, which still decodes, to the wrong picture)
-is found, then decodes it and checks its size (what a checksum cannot vouch for in a store made
+is found, then decodes it (a raw flow plane: its length) and checks its size (what a checksum cannot vouch for in a store made
 before checksums were recorded). It cross-checks the manifest, the list file and OUT/expected.json
 (every video any job on the store was asked for), so a half-finished store (a run killed before
 some videos, never re-run) does not pass either.
 
 Findings go to OUT/verify.json: the next `flowprep extract` redoes exactly those videos, even
-though their counts look right (`extract --repair` runs this same pass itself first). Verify
+though their counts look right (`extract --repair` runs this same pass itself first). Only damage
+the cheap `Store.check` cannot see is recorded: what it sees (a missing frame, a video without
+the backward flows a "both" store needs) the next extract finds by itself, and handles best
+(a whole forward video there gains its backward flows rather than being redone). Verify
 holds the store's lock while it runs: its findings mean nothing while a job is writing.
 """
 from __future__ import annotations
@@ -29,12 +32,14 @@ class VerifyReport:
     root: Path
     ok: list[str] = field(default_factory=list)
     problems: dict[str, str] = field(default_factory=dict)  # video id -> what is wrong in the store
+    damaged: dict[str, str] = field(default_factory=dict)  # the problems the cheap Store.check cannot see
     failed: dict[str, str] = field(default_factory=dict)  # video id -> why extraction failed (manifest)
     partial: dict[str, str] = field(default_factory=dict)  # video id -> what its cut source lost (not a problem)
     unchecked: list[str] = field(default_factory=list)  # videos stored without checksums: decoded only
     notes: list[str] = field(default_factory=list)
     frames: int = 0
     flows: int = 0
+    adopted: bool = False  # made by `flowprep adopt`: redone by adopting again, not by extract
 
     @property
     def exit_code(self) -> int:
@@ -48,12 +53,17 @@ class VerifyReport:
             lines.append(f"  note: {len(self.unchecked)} videos have no checksums (extracted by an older flowprep), "
                          "so were only decoded: damage that still decodes goes unseen; `flowprep extract "
                          "--overwrite` adds them")
+        again = "flowprep adopt" if self.adopted else "extract"
         lines += [f"  PARTIAL {vid}: {why} (kept; to redo it from a whole source, delete it from the store and "
-                  "run extract again)" for vid, why in sorted(self.partial.items())]
+                  f"run {again} again)" for vid, why in sorted(self.partial.items())]
         lines += [f"  PROBLEM {vid}: {why}" for vid, why in sorted(self.problems.items())]
-        lines += [f"  FAILED  {vid}: {why} (not in the store; fix the video or drop it, then re-run extract)"
-                  for vid, why in sorted(self.failed.items())]
-        if self.problems:
+        lines += [f"  FAILED  {vid}: {why} (not in the store; fix the {'frames' if self.adopted else 'video'} or "
+                  f"drop it, then re-run {again})" for vid, why in sorted(self.failed.items())]
+        if self.problems and self.adopted:
+            lines.append("Run the same `flowprep adopt` again: it redoes the videos with problems (recorded in "
+                         "verify.json). With hard links the store's frames are the source's files: damage inside a "
+                         "frame is in the source too, and needs the frames extracted again.")
+        elif self.problems:
             lines.append("Run `flowprep extract` with the same options again: it redoes exactly the videos with "
                          "problems (recorded in verify.json).")
         return "\n".join(lines)
@@ -93,7 +103,7 @@ def verify_video(store: Store, video_id: str) -> tuple[str | None, int, int, boo
                         problem = _check_frame(v, kind, i, (h, w), crc, name)
                         if problem:
                             return problem, 0, 0, crc is not None
-            return None, v.count("img"), v.num_flows, crc is not None
+            return None, v.count("img"), v.num_flows + v.num_bflows, crc is not None
     except (StoreError, OSError, KeyError, ValueError) as e:
         return f"metadata: {e}", 0, 0, False
 
@@ -109,6 +119,10 @@ def _check_frame(v, kind: str, i: int, shape: tuple, crc: dict | None, name) -> 
         if got != crc[kind][i]:
             return (f"{where}: checksum mismatch: its bytes give CRC32 {got:08x}, {crc[kind][i]:08x} was recorded "
                     "when it was written (changed on disk since)")
+    if kind != "img" and v.flow_codec == "raw":  # an uncompressed plane: its length is its shape
+        if len(data) != shape[0] * shape[1]:
+            return f"{where}: {len(data)} bytes, expected a {shape[1]}x{shape[0]} plane of {shape[0] * shape[1]}"
+        return None
     try:
         img = decode_jpeg(data, gray=kind != "img", what=name(kind, i))
     except StoreError as e:
@@ -126,7 +140,7 @@ def verify_store(root: str | Path, workers: int = 4, record: bool = True, lock: 
     `extract --repair`, which holds it already, passes False. Threads overlap reads and decodes.
     """
     store = Store(root, findings=False)  # look afresh, not at the last verify's findings
-    report = VerifyReport(root=Path(root))
+    report = VerifyReport(root=Path(root), adopted=bool(store.info.get("adopted_from")))
     held = None
     if lock:
         held = StoreLock(root, f"flowprep verify {root}")
@@ -143,7 +157,7 @@ def verify_store(root: str | Path, workers: int = 4, record: bool = True, lock: 
         _verify(store, report, workers)
         if record:
             try:
-                write_findings(root, report.problems)
+                write_findings(root, report.damaged)
             except OSError as e:
                 report.notes.append(f"findings not recorded in {Path(root) / 'verify.json'}: {e.strerror or e}")
     finally:
@@ -174,6 +188,8 @@ def _verify(store: Store, report: VerifyReport, workers: int) -> None:
         for vid, problem, frames, flows, checked in results:
             if problem:
                 report.problems[vid] = problem
+                if store.check(vid) is None:  # beyond counts: only the full pass finds it
+                    report.damaged[vid] = problem
                 continue
             report.ok.append(vid)
             report.frames += frames

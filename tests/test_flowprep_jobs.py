@@ -114,7 +114,7 @@ def test_disk_filling_up_mid_job_stops_the_job(videos, tmp_path, monkeypatch):
     """A video failing with ENOSPC stops the job: every further video would fail the same way."""
     started = []
 
-    def fake_backend(todo, out, opts, workers, markers):
+    def fake_backend(todo, out, opts, workers, markers, upgrades=frozenset()):
         for vid, src in todo:
             started.append(vid)
             yield failed_record(vid, src, "OSError: [Errno 28] No space left on device", errno="ENOSPC")
