@@ -5,11 +5,12 @@ A fast GPU must be fed: one H100 trains resnet50 on the temporal stream at about
 core prepares a sample in about 4.2 ms. This measures, on one core (OpenCV and torch single
 threaded) at 340x256 with 224 crops, what a training sample costs:
 
-- read     the stored bytes of what the sample needs (file reads or HDF5 reads; for raw-coded
-           HDF5 flow this includes the decompression, which happens inside the read)
+- read     the stored bytes of what the sample needs (file reads or HDF5 reads; raw-coded HDF5
+           flow reads only the training crop's region, straight into the sample's planes)
 - decode   JPEG decoding (none for raw flow)
-- crop     the multi-scale corner crop and the resize to 224 (the flip is done on the device)
-- collate  stacking into a batch of 32, per sample
+- crop     the resize of the multi-scale corner crop to 224, plane by plane (the crop itself is a
+           view, and the flip is done on the device for the whole batch)
+- collate  stacking into a batch of 32, per sample (planar samples: one plain copy)
 - total    the dataset's own __getitem__ end to end plus collate: what a loader worker spends
 
 and from the total, samples/s on 16 such cores and that over the H100 ceiling above. Frames are
@@ -111,32 +112,31 @@ def measure(root: Path, kind_name: str, n: int, reps: int) -> dict:
     ids = store.video_ids()
     counts = [(n, n - 1)] * len(ids)
     ds = ClipDataset(root, ids, [0] * len(ids), counts, kind=kind, crop_size=CROP, flow_length=L, train=True)
-    reader = ds.videos.get(str(root), ids[0])
+    reader = ds.reader(0)
+    w, h = reader.size
+    rng = np.random.default_rng(0)
     starts = [i % kind.positions(n, n - 1, L) for i in range(reps)]
-    raw = reader.meta.get("flow_codec", "jpeg") == "raw" and kind.is_flow
+    boxes = [T.multiscale_crop_box(h, w, rng) for _ in range(reps)]
+    raw = reader.flow_codec == "raw" and kind.is_flow
     it = iter(range(10 ** 9))
 
     def read():
-        t = starts[next(it) % reps]
+        i = next(it) % reps
         if kind_name == "rgb":
-            return [reader.rgb_bytes(t)]
-        if raw:
-            return reader.flow_stack(t, L)
-        return [b for i in range(t, t + L) for b in reader.flow_bytes(i)]
+            return [reader.rgb_bytes(starts[i])]
+        if raw:  # only the crop's region, decompressed in the read
+            return reader.flow_planes(starts[i], L, box=boxes[i])
+        if reader.format == "hdf5":  # one read per component, as the reader does
+            return [b for k in ("flow_x", "flow_y") for b in reader._dataset(k)[starts[i]:starts[i] + L]]
+        return [(reader.path / f"{k}_{t + 1:05d}.jpg").read_bytes() for t in range(starts[i], starts[i] + L)
+                for k in ("flow_x", "flow_y")]
 
     stages = {"read": _timed(read, reps)}
     data = read()
-    if raw:
-        stages["decode"] = 0.0
-        img = data
-    else:
-        stages["decode"] = _timed(lambda: [decode_jpeg(b, gray=kind_name != "rgb") for b in data], reps)
-        img = kind.load(reader, starts[0], L)
-    rng = np.random.default_rng(0)
-    stages["crop"] = _timed(lambda: T.train_crop(img, CROP, rng, kind.negate_on_flip(L),
-                                                 T.multiscale_crop_box(*img.shape[:2], rng), False), reps)
-    sample = ds[(0, 0)][0]
-    sample = sample[0] if isinstance(sample, (tuple, list)) else sample
+    stages["decode"] = 0.0 if raw else _timed(lambda: [decode_jpeg(b, gray=kind_name != "rgb") for b in data], reps)
+    region = T.crop(kind.load(reader, starts[0], L), boxes[0])
+    stages["crop"] = _timed(lambda: T.resize(region, (CROP, CROP)), reps)
+    sample = ds[(0, 0)][0][0]
     batch = [sample] * 32
     stages["collate"] = _timed(lambda: torch.stack(batch), max(reps // 8, 3)) / 32
     keys = iter(range(10 ** 9))

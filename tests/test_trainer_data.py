@@ -58,11 +58,35 @@ def test_the_batch_flip_on_the_device_is_the_image_flip(negate):
     from trainer import transforms as T
 
     rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (4, 2, 9, 11, 6), dtype=np.uint8)  # B, K, H, W, C
+    imgs = rng.integers(0, 256, (4, 2, 6, 9, 11), dtype=np.uint8)  # B, K, C, H, W as loaders give it
     flips = torch.tensor([True, False, True, False])
-    x = torch.from_numpy(imgs).permute(0, 1, 4, 2, 3)  # B, K, C, H, W as loaders give it
-    out = T.flip_batch(x.clone(), flips, negate)
+    out = T.flip_batch(torch.from_numpy(imgs.copy()), flips, negate)
     for b in range(4):
         for k in range(2):
             want = T.flip(imgs[b, k], negate) if flips[b] else imgs[b, k]
-            assert np.array_equal(out[b, k].permute(1, 2, 0).numpy(), want)
+            assert np.array_equal(out[b, k].numpy(), want)
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_hang_after_the_parent_used_opencv_threads(store, tmp_path):
+    """A forked worker inherits OpenCV's thread pool mid-flight and hangs in its first OpenCV call
+    (seen in cv2.setNumThreads); make_loader's workers start fresh instead."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import cv2, numpy as np, torch
+        cv2.setNumThreads(2)
+        for _ in range(20):  # the parent's own work spins OpenCV's pool up
+            cv2.resize(np.zeros((1024, 1024), np.uint8), (2000, 2000))
+        from trainer.data import ClipDataset, EpochSampler, make_loader
+        from trainer.streams import INPUTS
+        ds = ClipDataset({str(store)!r}, ["down/v_down_train000", "up/v_up_train001"], [0, 1], [(6, 5)] * 2,
+                         kind=INPUTS["flow"], crop_size=32, flow_length=3, train=True)
+        for batch in make_loader(ds, EpochSampler(2, 2), 2, 2, torch.device("cpu")):
+            pass
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -47,8 +47,8 @@ def test_each_input_loads_its_channels_in_order(coded, name, length, channels):
     kind = INPUTS[name]
     t = 2
     x = kind.load(coded, t, length)
-    assert x.shape == (H, W, channels) == (H, W, kind.load_channels(length))
-    v = dequantize(x[0, 0]) if kind.is_flow else x[0, 0].astype(float)
+    assert x.shape == (channels, H, W) == (kind.load_channels(length), H, W)
+    v = dequantize(x[:, 0, 0]) if kind.is_flow else x[:, 0, 0].astype(float)
     if name in ("flow", "trajectory"):  # x_k, y_k of flows t .. t+L-1 (constant motion: trajectory = flow)
         expect = [c for i in range(t, t + length) for c in (i + 1, -(i + 1) / 2)]
     elif name == "flow_bidir":  # L/2 forward from t' = t + L/2, then the L/2 backward flows before t'
@@ -60,7 +60,8 @@ def test_each_input_loads_its_channels_in_order(coded, name, length, channels):
     else:  # rgb_stack, rgb_diff: frames t .. t+L
         expect = [20 * i for i in range(t, t + length + 1) for _ in range(3)]
     np.testing.assert_allclose(v, expect, atol=20 / 255 + 1e-4 if kind.is_flow else 0)
-    net = kind.to_network(torch.from_numpy(x).permute(2, 0, 1)[None], length, False)
+    net = kind.to_network(torch.from_numpy(x)[None], length, False)
+    assert np.array_equal(kind.load(coded, t, length, box=(2, 3, 10, 12)), x[:, 2:12, 3:15])  # a region alone
     assert net.shape[1] == kind.channels(length)
     if name == "rgb_diff":  # network sees the L differences of consecutive (normalised) frames
         std = torch.tensor([0.229, 0.224, 0.225]).repeat(length) * 255
@@ -99,8 +100,8 @@ def test_input_of_mirrored_frames_is_the_mirrored_input(tmp_path, name):
 
 
 def test_trajectory_recovers_constant_motion_exactly():
-    q = quantize(np.full((H, W, 2), (1.4, -0.6), np.float32))
-    stack = np.concatenate([q] * 5, -1)
+    q = quantize(np.full((H, W, 2), (1.4, -0.6), np.float32)).transpose(2, 0, 1)
+    stack = np.concatenate([q] * 5)
     assert np.array_equal(trajectory_stack(stack, 20.0), stack)
 
 
@@ -112,7 +113,8 @@ def test_trajectory_follows_a_rotation_within_half_a_pixel():
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     field = (p @ rot.T - p).astype(np.float32)  # each frame turns the scene by theta about the centre
     L = 5
-    out = dequantize(trajectory_stack(np.concatenate([quantize(field)] * L, -1), 20.0))
+    out = dequantize(trajectory_stack(np.concatenate([quantize(field).transpose(2, 0, 1)] * L), 20.0))
+    out = out.transpose(1, 2, 0)  # H x W x 2L, to compare with the field
     inside = np.linalg.norm(p, axis=-1) < size / 2 - 2  # stays in the frame for all L steps
     pk = p.copy()
     for k in range(L):  # the true displacement at the point reached after k steps
@@ -122,6 +124,34 @@ def test_trajectory_follows_a_rotation_within_half_a_pixel():
         pk = pk @ rot.T
     # not a lucky constant: the plain flow stack differs from the trajectory after a few steps
     assert np.abs(out[..., 8:10] - field)[inside].max() > 0.5
+
+
+def reference_trajectory(planes: np.ndarray, bound: float = 20.0) -> np.ndarray:
+    """Eq. 2 written out: bilinear sampling by hand, positions clamped to the frame."""
+    c, h, w = planes.shape
+    f = dequantize(planes, bound).astype(np.float64)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    px, py, out = xx.copy(), yy.copy(), np.zeros_like(f)
+    for k in range(c // 2):
+        x, y = np.clip(px, 0, w - 1), np.clip(py, 0, h - 1)
+        x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+        x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+        ax, ay = x - x0, y - y0
+        for i in (0, 1):
+            g = f[2 * k + i]
+            out[2 * k + i] = (g[y0, x0] * (1 - ax) * (1 - ay) + g[y0, x1] * ax * (1 - ay)
+                              + g[y1, x0] * (1 - ax) * ay + g[y1, x1] * ax * ay)
+        px, py = px + out[2 * k], py + out[2 * k + 1]
+    return quantize(out, bound)
+
+
+def test_trajectory_of_changing_fields_follows_eq_2():
+    """Rough fields that differ from step to step (random, up to 3 px), so that sampling a wrong
+    pixel, plane or step shows; smooth or repeated fields would hide it."""
+    planes = np.random.default_rng(7).integers(108, 148, (6, H, W), dtype=np.uint8)
+    got = trajectory_stack(planes, 20.0).astype(int)
+    assert np.abs(got - reference_trajectory(planes)).max() <= 1  # one quantization step
+    assert np.abs(got - planes).max() > 5  # and it is not the plain stack
 
 
 @pytest.fixture(scope="module")

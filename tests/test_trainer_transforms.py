@@ -41,19 +41,20 @@ def test_segment_index_train_random_within_segments_and_middle_at_test():
 
 
 def flow_image(h=8, w=10, channels=4):
+    """C x H x W, as stream inputs load it."""
     rng = np.random.default_rng(1)
-    return rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return rng.integers(0, 256, (channels, h, w), dtype=np.uint8)
 
 
 def test_flip_inverts_flow_x_only():
     img = flow_image()
     out = T.flip(img, negate=X)
-    assert np.array_equal(out[:, :, 0::2], 255 - img[:, ::-1, 0::2])  # x channels: mirrored and negated
-    assert np.array_equal(out[:, :, 1::2], img[:, ::-1, 1::2])        # y channels: mirrored only
+    assert np.array_equal(out[0::2], 255 - img[0::2, :, ::-1])  # x channels: mirrored and negated
+    assert np.array_equal(out[1::2], img[1::2, :, ::-1])        # y channels: mirrored only
     rgb = flow_image(channels=3)
-    assert np.array_equal(T.flip(rgb, negate=None), rgb[:, ::-1])
-    # Zero motion (127.5) stays about zero; 255 - q is the exact mirror in the quantized domain.
-    assert np.array_equal(T.flip(T.flip(img, True), True), img)
+    assert np.array_equal(T.flip(rgb, negate=None), rgb[:, :, ::-1])
+    # 255 - q is the exact mirror in the quantized domain: twice is the identity.
+    assert np.array_equal(T.flip(T.flip(img, X), X), img)
 
 
 def test_multiscale_crop_boxes_use_tsn_scales_at_corners_or_center():
@@ -68,14 +69,24 @@ def test_multiscale_crop_boxes_use_tsn_scales_at_corners_or_center():
         seen.add((y == 0, x == 0))
     assert len(seen) == 4
     out = T.train_crop(flow_image(48, 64, 20), 32, rng, negate=X)
-    assert out.shape == (32, 32, 20) and out.dtype == np.uint8
+    assert out.shape == (20, 32, 32) and out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]
+
+
+def test_planar_resize_equals_opencvs_resize_of_the_image():
+    import cv2
+
+    img = flow_image(40, 52, 6)
+    want = cv2.resize(np.ascontiguousarray(img.transpose(1, 2, 0)), (32, 24), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(T.resize(img, (24, 32)), want.transpose(2, 0, 1))
+    crop = T.crop(img, (3, 5, 20, 30))  # a view of the planes
+    assert np.array_equal(T.resize(crop, (20, 30)), img[:, 3:23, 5:35])
 
 
 def position_image(h, w, channels):
-    """Channel 0 = column, channel 1 = row, so crops reveal where they came from."""
-    img = np.zeros((h, w, channels), np.uint8)
-    img[..., 0] = np.arange(w)[None, :]
-    img[..., 1] = np.arange(h)[:, None]
+    """Channel 0 = column, channel 1 = row, so crops reveal where they came from (C x H x W)."""
+    img = np.zeros((channels, h, w), np.uint8)
+    img[0] = np.arange(w)[None, :]
+    img[1] = np.arange(h)[:, None]
     return img
 
 
@@ -83,23 +94,23 @@ def test_ten_crops_are_corners_center_and_flipped_with_flow_x_inverted():
     img = position_image(40, 50, 4)
     crops = T.ten_crop(img, 20, negate=X)
     assert len(crops) == 10
-    tl = [(c[0, 0, 1], c[0, 0, 0]) for c in crops[:5]]  # (row, col) of each crop's top-left pixel
+    tl = [(c[1, 0, 0], c[0, 0, 0]) for c in crops[:5]]  # (row, col) of each crop's top-left pixel
     assert tl == [(0, 0), (0, 30), (20, 0), (20, 30), (10, 15)]
     for plain, mirrored in zip(crops[:5], crops[5:]):
-        assert np.array_equal(mirrored[..., 0], 255 - plain[:, ::-1, 0])  # x flow negated
-        assert np.array_equal(mirrored[..., 1], plain[:, ::-1, 1])
+        assert np.array_equal(mirrored[0], 255 - plain[0, :, ::-1])  # x flow negated
+        assert np.array_equal(mirrored[1], plain[1, :, ::-1])
     rgb = T.ten_crop(position_image(40, 50, 3), 20, negate=None)
-    assert np.array_equal(rgb[5][..., 0], rgb[0][:, ::-1, 0])  # RGB mirrored, not negated
+    assert np.array_equal(rgb[5][0], rgb[0][0, :, ::-1])  # RGB mirrored, not negated
 
 
 def test_eval_crops_resize_short_side_like_the_paper():
     img = position_image(256, 340, 3)
     (c,) = T.eval_crops(img, 224, "center", negate=None)
-    assert c.shape == (224, 224, 3)
-    assert c[0, 0, 1] == 16 and c[0, 0, 0] == 58  # 256 short side kept, centered
+    assert c.shape == (3, 224, 224)
+    assert c[1, 0, 0] == 16 and c[0, 0, 0] == 58  # 256 short side kept, centered
     assert len(T.eval_crops(img, 224, "ten", negate=None)) == 10
     small = T.eval_crops(position_image(40, 48, 6), 32, "ten", negate=X)
-    assert all(x.shape == (32, 32, 6) for x in small)
+    assert all(x.shape == (6, 32, 32) for x in small)
     with pytest.raises(ValueError, match="center' or 'ten"):
         T.eval_crops(img, 224, "five", negate=None)
 

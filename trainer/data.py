@@ -2,9 +2,10 @@
 
 A sample is a uint8 tensor [K, C, S, S]: K segments (TSN; K = 1 is the paper's single
 frame or stack) or test crops, C the channels the stream's input loads (3 for RGB, 2L for a
-flow stack), S the crop size. Workers decode, crop and flip on uint8 and the batch is pinned
-as uint8 (a quarter of the bytes of float32); the device converts and normalises
-(`Input.to_network`).
+flow stack), S the crop size. Workers read (only the training crop's region, where the store
+can), decode and resize on planar uint8, and the batch is pinned as uint8 (a quarter of the
+bytes of float32); the device flips, converts and normalises (`transforms.flip_batch`,
+`Input.to_network`).
 
 All randomness of a sample comes from (seed, epoch, index), and the order of an epoch from
 (seed, epoch): a resumed run sees exactly the batches an uninterrupted one would have, and
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from flowprep.store import Store, StoreError, VideoReader
 from trainer import transforms as T
-from trainer.streams import Input
+from trainer.streams import Input, get_input
 
 MAX_OPEN = 64  # open videos kept per worker (HDF5 file handles, JPEG meta)
 
@@ -67,16 +68,26 @@ class _StreamDataset(Dataset):
         self.kind, self.crop_size, self.flow_length = kind, int(crop_size), int(flow_length)
         self.negate = kind.negate_on_flip(self.flow_length)
 
+    def __getstate__(self):
+        # Workers start in a fresh process (make_loader): the input kind travels by name.
+        return {**self.__dict__, "kind": self.kind.name}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, kind=get_input(state["kind"]))
+
     def positions(self, j: int) -> int:
         """How many sample starts (frames, or stacks) video j offers."""
         frames, flows = self.counts[j]
         return self.kind.positions(frames, flows, self.flow_length)
 
-    def image(self, j: int, pos: int) -> np.ndarray:
-        """HxWxC uint8: the stream input's sample of video j starting at `pos`."""
-        reader = self.videos.get(self.roots[j], self.video_ids[j])
+    def reader(self, j: int) -> VideoReader:
+        return self.videos.get(self.roots[j], self.video_ids[j])
+
+    def image(self, j: int, pos: int, box=None) -> np.ndarray:
+        """C x H x W uint8: the stream input's sample of video j starting at `pos` (only the region
+        `box` = (y, x, h, w) if given: a raw-coded store then reads no more than that)."""
         try:
-            return self.kind.load(reader, int(pos), self.flow_length)
+            return self.kind.load(self.reader(j), int(pos), self.flow_length, box)
         except StoreError as e:  # name the video: a stored frame went bad after the check at start
             raise StoreError(f"{self.video_ids[j]}: {e}; run `flowprep verify` on the store") from e
 
@@ -102,14 +113,14 @@ class ClipDataset(_StreamDataset):
         epoch, j = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng([self.seed, epoch, j]) if self.train else None
         pos = T.segment_index(self.positions(j), self.segments, rng)
-        images = [self.image(j, p) for p in pos]
         if self.train:
-            box = T.multiscale_crop_box(*images[0].shape[:2], rng)
+            w, h = self.reader(j).size
+            box = T.multiscale_crop_box(h, w, rng)
             do_flip = rng.random() < 0.5
-            crops = [T.train_crop(im, self.crop_size, rng, self.negate, box, False) for im in images]
-            return (torch.stack([T.to_chw(c) for c in crops]), torch.tensor(do_flip)), self.labels[j]
-        crops = [T.eval_crops(im, self.crop_size, "center", self.negate)[0] for im in images]
-        return torch.stack([T.to_chw(c) for c in crops]), self.labels[j]
+            crops = [T.resize(self.image(j, p, box), (self.crop_size, self.crop_size)) for p in pos]
+            return (torch.stack([T.to_tensor(c) for c in crops]), torch.tensor(do_flip)), self.labels[j]
+        crops = [T.eval_crops(self.image(j, p), self.crop_size, "center", self.negate)[0] for p in pos]
+        return torch.stack([T.to_tensor(c) for c in crops]), self.labels[j]
 
 
 class ProtocolDataset(_StreamDataset):
@@ -129,7 +140,7 @@ class ProtocolDataset(_StreamDataset):
         j, s = divmod(int(i), self.samples)
         pos = T.evenly_spaced(self.positions(j), self.samples)[s]
         crops = T.eval_crops(self.image(j, pos), self.crop_size, self.crops, self.negate)
-        return torch.stack([T.to_chw(c) for c in crops]), j
+        return torch.stack([T.to_tensor(c) for c in crops]), j
 
 
 class JointDataset(Dataset):
@@ -162,7 +173,7 @@ class JointDataset(Dataset):
             j, k = divmod(int(key), self.samples)
             frame = T.evenly_spaced(max(self.base.counts[j][0], 1), self.samples)[k]
             images = self._images(j, frame)
-            return [torch.stack([T.to_chw(c) for c in T.eval_crops(im, s.crop_size, self.crops, s.negate)])
+            return [torch.stack([T.to_tensor(c) for c in T.eval_crops(im, s.crop_size, self.crops, s.negate)])
                     for s, im in zip(self.streams, images)], j
         epoch, j = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng([self.seed, epoch, j]) if self.train else None
@@ -170,13 +181,13 @@ class JointDataset(Dataset):
         per_moment = [self._images(j, m) for m in moments]
         out = [[] for _ in self.streams]
         if self.train:
-            box = T.multiscale_crop_box(*per_moment[0][0].shape[:2], rng)
+            box = T.multiscale_crop_box(*per_moment[0][0].shape[1:], rng)
             do_flip = rng.random() < 0.5
         for images in per_moment:
             for k, (s, im) in enumerate(zip(self.streams, images)):
                 crop = (T.train_crop(im, s.crop_size, rng, s.negate, box, do_flip) if self.train
                         else T.eval_crops(im, s.crop_size, "center", s.negate)[0])
-                out[k].append(T.to_chw(crop))
+                out[k].append(T.to_tensor(crop))
         return [torch.stack(x) for x in out], self.base.labels[j]
 
 
@@ -232,12 +243,16 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
                 seed: int = 0) -> DataLoader:
     """Workers decode in parallel, batches arrive pinned (CUDA) so copies can overlap compute.
 
-    A loader-own generator keeps the global torch RNG untouched by iterator creation, which
-    keeps a resumed run's dropout masks identical to an uninterrupted run's.
+    Workers start from a fresh process (forkserver), not a fork of this one: a fork copies the
+    state of OpenCV's and OpenMP's thread pools mid-flight, and a worker then hangs in its first
+    OpenCV call (seen after the parent had resized or remapped frames itself). A loader-own
+    generator keeps the global torch RNG untouched by iterator creation, which keeps a resumed
+    run's dropout masks identical to an uninterrupted run's.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_init,
+                      multiprocessing_context="forkserver" if workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed))
 
 

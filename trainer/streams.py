@@ -7,8 +7,8 @@ length L, which channels a horizontal mirror negates, and how the device turns t
 batch into network input. Nothing else in the trainer branches on what a stream is: a new
 input is one `Input` entry in INPUTS.
 
-Loaders yield HxWxC uint8 (quantized flow, 127.5 = no motion; RGB as stored), so crops,
-flips and collation move a quarter of float32's bytes; `to_network` converts on the device.
+Loaders yield planar C x H x W uint8 (quantized flow, 127.5 = no motion; RGB as stored), so
+crops, resizes and collation move a quarter of float32's bytes; `to_network` converts on the device.
 
 Kinds (L = `flow_length` of the stream):
 - rgb         one frame (the paper's spatial stream), 3 channels.
@@ -45,7 +45,7 @@ class Input:
     channels: Callable[[int], int]                 # channels the network takes, for L
     negate_on_flip: Callable[[int], slice | None]  # loaded channels a mirror maps q -> 255 - q
     positions: Callable[[int, int, int], int]      # (frames, flows, L) -> sample starts (>= 1)
-    load: Callable[..., np.ndarray]                # (reader, start, L) -> HxWxC uint8
+    load: Callable[..., np.ndarray]                # (reader, start, L, box=None) -> C x h x w uint8
     to_network: Callable                           # (uint8 NxCxHxW tensor, L, mean_subtraction) -> float
     is_flow: bool                                  # flow values: mean subtraction, flow init apply
 
@@ -55,51 +55,65 @@ class Input:
 
 
 # ---------------------------------------------------------------- loading
+# Loaders return planar C x H x W uint8 (the network's layout): crops are views of whole planes,
+# resizes go plane by plane into the batch's own layout, and collation is a plain copy. With a
+# `box` = (y, x, h, w) they return only that region, which a raw-coded HDF5 store reads alone.
 
 def clamped(start: int, length: int, count: int) -> list[int]:
     """Indices start .. start+length-1, the last one repeated past the end of a short video."""
     return [min(max(start + j, 0), count - 1) for j in range(length)]
 
 
-def _frames(reader, start: int, n: int) -> np.ndarray:
-    return np.concatenate([reader.rgb(i) for i in clamped(start, n, reader.num_frames)], axis=-1)
+def _crop(img: np.ndarray, box) -> np.ndarray:
+    if box is None:
+        return img
+    y, x, h, w = box
+    return img[..., y:y + h, x:x + w]
 
 
-def _flows(reader, start: int, n: int, backward: bool = False) -> np.ndarray:
-    count = reader.num_flows
+def _rgb(reader, t: int, box=None) -> np.ndarray:
+    return np.ascontiguousarray(_crop(reader.rgb(t).transpose(2, 0, 1), box))
+
+
+def _frames(reader, start: int, n: int, box=None) -> np.ndarray:
+    return np.concatenate([_rgb(reader, i, box) for i in clamped(start, n, reader.num_frames)])
+
+
+def _flows(reader, start: int, n: int, backward: bool = False, box=None) -> np.ndarray:
+    count = reader.num_bflows if backward else reader.num_flows
     if 0 <= start and start + n <= count:
-        return reader.flow_stack(start, n, backward=backward)  # one read per direction where the store allows
-    return np.concatenate([reader.flow(i, backward=backward) for i in clamped(start, n, count)], axis=-1)
+        return reader.flow_planes(start, n, backward, box)  # two reads where the store allows
+    return np.concatenate([reader.flow_planes(i, 1, backward, box) for i in clamped(start, n, count)])
 
 
-def _load_bidir(reader, start: int, length: int) -> np.ndarray:
+def _load_bidir(reader, start: int, length: int, box=None) -> np.ndarray:
     half = length // 2
     t = start + half  # the first forward flow; the backward ones are those of the frames before it
-    return np.concatenate([_flows(reader, t, half), _flows(reader, t - half, half, backward=True)], axis=-1)
+    return np.concatenate([_flows(reader, t, half, box=box), _flows(reader, t - half, half, True, box)])
 
 
-def trajectory_stack(stack: np.ndarray, bound: float) -> np.ndarray:
-    """Quantized HxWx2L forward flows -> the flows sampled along each pixel's trajectory.
-
-    p1 = p, p(k+1) = p(k) + d_k(p(k)); channel pair k holds d_k(p(k)), bilinear, the frame's
-    border values outside it. Quantized again with the same bound.
-    """
-    h, w, c = stack.shape
+def trajectory_stack(planes: np.ndarray, bound: float) -> np.ndarray:
+    """Quantized 2L x H x W forward flows (x1, y1, ...) -> the flows sampled along each pixel's
+    trajectory: p1 = p, p(k+1) = p(k) + d_k(p(k)); planes 2k, 2k+1 hold d_k(p(k)), bilinear,
+    the frame's border values outside it. Quantized again with the same bound."""
+    c, h, w = planes.shape
     scale = np.float32(2 * bound / 255)
-    flows = stack.astype(np.float32) * scale - np.float32(bound)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     px, py = xx.copy(), yy.copy()
-    out = np.empty_like(stack)
+    out = np.empty_like(planes)
     for k in range(c // 2):
-        d = cv2.remap(flows[..., 2 * k:2 * k + 2], px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        out[..., 2 * k:2 * k + 2] = np.clip(np.rint((d + np.float32(bound)) / scale), 0, 255).astype(np.uint8)
-        px += d[..., 0]
-        py += d[..., 1]
+        d = [cv2.remap(planes[2 * k + i].astype(np.float32) * scale - np.float32(bound), px, py, cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REPLICATE) for i in (0, 1)]
+        for i in (0, 1):
+            out[2 * k + i] = np.clip(np.rint((d[i] + np.float32(bound)) / scale), 0, 255).astype(np.uint8)
+        px += d[0]
+        py += d[1]
     return out
 
 
-def _load_trajectory(reader, start: int, length: int) -> np.ndarray:
-    return trajectory_stack(_flows(reader, start, length), float(reader.meta.get("bound", 20.0)))
+def _load_trajectory(reader, start: int, length: int, box=None) -> np.ndarray:
+    # whole frames: trajectories leave any crop
+    return _crop(trajectory_stack(_flows(reader, start, length), float(reader.meta.get("bound", 20.0))), box)
 
 
 # ---------------------------------------------------------------- on the device
@@ -149,19 +163,19 @@ _X_CHANNELS = slice(0, None, 2)
 
 INPUTS: dict[str, Input] = {i.name: i for i in (
     Input("rgb", "one RGB frame (the spatial stream)", ("rgb",), lambda L: 3, lambda L: 3, lambda L: None,
-          lambda frames, flows, L: max(frames, 1), lambda r, t, L: r.rgb(int(t)), _rgb_net, False),
+          lambda frames, flows, L: max(frames, 1), lambda r, t, L, box=None: _rgb(r, int(t), box), _rgb_net, False),
     Input("flow", "L stacked forward flows x1,y1,...,xL,yL (the temporal stream)", ("flow",), _two_l, _two_l,
-          lambda L: _X_CHANNELS, _stack_starts, _flows, _flow_net, True),
+          lambda L: _X_CHANNELS, _stack_starts, lambda r, t, L, box=None: _flows(r, t, L, box=box), _flow_net, True),
     Input("flow_bidir", "L/2 forward flows from t, then L/2 backward flows before t", ("flow", "bflow"), _two_l,
           _two_l, lambda L: _X_CHANNELS, _stack_starts, _load_bidir, _flow_net, True),
     Input("trajectory", "L forward flows sampled along the motion trajectories (paper eq. 2)", ("flow",), _two_l,
           _two_l, lambda L: _X_CHANNELS, _stack_starts, _load_trajectory, _flow_net, True),
     Input("rgb_stack", "L+1 consecutive RGB frames", ("rgb",), lambda L: 3 * (L + 1), lambda L: 3 * (L + 1),
-          lambda L: None, lambda frames, flows, L: max(frames - L, 1), lambda r, t, L: _frames(r, t, L + 1),
-          _rgb_stack_net, False),
+          lambda L: None, lambda frames, flows, L: max(frames - L, 1),
+          lambda r, t, L, box=None: _frames(r, t, L + 1, box), _rgb_stack_net, False),
     Input("rgb_diff", "the L differences of L+1 consecutive RGB frames (TSN)", ("rgb",), lambda L: 3 * (L + 1),
           lambda L: 3 * L, lambda L: None, lambda frames, flows, L: max(frames - L, 1),
-          lambda r, t, L: _frames(r, t, L + 1), _rgb_diff_net, False),
+          lambda r, t, L, box=None: _frames(r, t, L + 1, box), _rgb_diff_net, False),
 )}
 
 # The names streams had before they were named: `--stream spatial|temporal` and the

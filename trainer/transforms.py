@@ -1,7 +1,7 @@
 """Frame sampling, crops and flips, for every stream input.
 
-Images are HxWxC uint8 numpy arrays as a stream input loads them (trainer/streams.py): RGB
-frames, or flow stacks ordered x1, y1, x2, y2, ... (quantized, 127.5 = no motion). A mirror
+Images are planar C x H x W uint8 numpy arrays as a stream input loads them (trainer/streams.py):
+RGB frames, or flow stacks ordered x1, y1, x2, y2, ... (quantized, 127.5 = no motion). A mirror
 maps the channels the input names (`negate`, e.g. every flow-x channel) to 255 - q, the exact
 sign change in the quantized domain. Crops and resizes stay on uint8 in the loader workers (a
 crop is a view, and uint8 is a quarter of float32's bytes to collate, pin and copy); the
@@ -52,20 +52,28 @@ def multiscale_crop_box(h: int, w: int, rng: np.random.Generator, scales=SCALES,
 
 
 def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize HxWxC uint8 to (height, width), keeping a channel axis even for C = 1 or 2."""
+    """Resize C x H x W uint8 to (height, width), plane by plane into one contiguous array (OpenCV
+    is faster on single planes than on many-channel images, and crops of planes need no copy)."""
     h, w = size
-    if img.shape[:2] == (h, w):
+    if img.shape[1:] == (h, w):
         return img
-    out = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-    return out.reshape(h, w, -1)
+    out = np.empty((img.shape[0], h, w), np.uint8)
+    for c in range(img.shape[0]):
+        cv2.resize(img[c], (w, h), dst=out[c], interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 def flip(img: np.ndarray, negate: slice | None) -> np.ndarray:
     """Mirror left-right; the `negate` channels (flow x: 0, 2, 4, ...) change sign: q -> 255 - q."""
-    out = np.ascontiguousarray(img[:, ::-1])
+    out = np.ascontiguousarray(img[:, :, ::-1])
     if negate is not None:
-        out[..., negate] = 255 - out[..., negate]
+        out[negate] = 255 - out[negate]
     return out
+
+
+def crop(img: np.ndarray, box) -> np.ndarray:
+    y, x, h, w = box
+    return img[:, y:y + h, x:x + w]
 
 
 def train_crop(img: np.ndarray, size: int, rng: np.random.Generator, negate: slice | None, box=None,
@@ -74,8 +82,8 @@ def train_crop(img: np.ndarray, size: int, rng: np.random.Generator, negate: sli
 
     Pass `box` and `do_flip` to apply the same choice to several images (TSN segments).
     """
-    y, x, ch, cw = box if box is not None else multiscale_crop_box(*img.shape[:2], rng)
-    out = resize(img[y:y + ch, x:x + cw], (size, size))
+    box = box if box is not None else multiscale_crop_box(*img.shape[1:], rng)
+    out = resize(crop(img, box), (size, size))
     if do_flip if do_flip is not None else rng.random() < 0.5:
         out = flip(out, negate)
     return np.ascontiguousarray(out)
@@ -84,7 +92,7 @@ def train_crop(img: np.ndarray, size: int, rng: np.random.Generator, negate: sli
 # ---------------------------------------------------------------- test crops
 
 def resize_short(img: np.ndarray, short: int) -> np.ndarray:
-    h, w = img.shape[:2]
+    h, w = img.shape[1:]
     if min(h, w) == short:
         return img
     if h <= w:
@@ -98,16 +106,16 @@ def eval_scale(crop_size: int) -> int:
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
+    h, w = img.shape[1:]
     y, x = (h - size) // 2, (w - size) // 2
-    return img[y:y + size, x:x + size]
+    return img[:, y:y + size, x:x + size]
 
 
 def ten_crop(img: np.ndarray, size: int, negate: slice | None) -> list[np.ndarray]:
     """4 corners + center, then the same five mirrored (flow x inverted on the mirrored ones)."""
-    h, w = img.shape[:2]
+    h, w = img.shape[1:]
     boxes = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
-    crops = [img[y:y + size, x:x + size] for y, x in boxes]
+    crops = [img[:, y:y + size, x:x + size] for y, x in boxes]
     return [np.ascontiguousarray(c) for c in crops] + [flip(c, negate) for c in crops]
 
 
@@ -121,9 +129,9 @@ def eval_crops(img: np.ndarray, size: int, crops: str, negate: slice | None) -> 
     raise ValueError(f"eval.crops must be 'center' or 'ten', got {crops!r}")
 
 
-def to_chw(img: np.ndarray) -> torch.Tensor:
-    """HxWxC uint8 numpy -> CxHxW uint8 tensor (no copy beyond what the collate does)."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """C x H x W uint8 numpy -> tensor (contiguous: a batch is then one plain copy)."""
+    return torch.from_numpy(np.ascontiguousarray(img))
 
 
 def flip_batch(x: torch.Tensor, flips: torch.Tensor, negate: slice | None) -> torch.Tensor:
