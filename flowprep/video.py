@@ -77,7 +77,13 @@ def _open(path: str | Path) -> cv2.VideoCapture:
                          "e.g. chmod a+r)") from None
     except OSError as e:
         raise VideoError(f"cannot read {path}: {e.strerror or e}") from None
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    # OpenCV prints its own warning for a file it cannot open; the reason goes in our record instead.
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if not cap.isOpened():
         cap.release()
         raise VideoError("not a readable video (OpenCV/FFmpeg cannot open it)")
