@@ -105,13 +105,15 @@ def train(stream, pipeline, overrides, **options):
 @common_options
 @STREAM.options("workers", "device")
 @click.option("--part", type=click.Choice(["test", "val", "train"]), default="test")
-def evaluate_cmd(stream, pipeline, overrides, part, **options):
+@click.option("--dataset", default=None, metavar="NAME", help="A multi-task stream: the [datasets.NAME] to score "
+              "(with that dataset's head).")
+def evaluate_cmd(stream, pipeline, overrides, part, dataset, **options):
     """Score a trained stream with the test protocol ([eval]); writes {out}/<stream>/scores_<part>.npz."""
     try:
         cfg, name = build_config(pipeline, stream, options, overrides)
         from trainer.evaluate import score_stream
 
-        s = score_stream(cfg, name, part)
+        s = score_stream(cfg, name, part, dataset=dataset)
     except (*errors(), OSError) as e:
         raise _fail(e) from e
     acc = float((s.scores.argmax(1) == s.labels).mean()) if len(s.labels) else float("nan")

@@ -270,12 +270,14 @@ def parse_weights(text: str) -> list[float]:
 @click.option("--weights", default=None, help="Weighted fusion's weights, one per stream, e.g. 1,1.5 "
                                               "(default: fusion.weights, or chosen on the validation part).")
 @click.option("--reuse-scores", is_flag=True, help="Read existing scores_<part>.npz instead of re-evaluating.")
+@click.option("--dataset", default=None, metavar="NAME", help="With multi-task streams: fuse on this "
+              "[datasets.NAME] (fusion.dataset); the report goes to {out}/fusion_NAME/.")
 @click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a pipeline setting; repeatable.")
 def fuse_eval_command(pipeline: Path, methods: tuple[str, ...], streams: str | None, weights: str | None,
-                      reuse_scores: bool, overrides: tuple[str, ...]) -> None:
+                      reuse_scores: bool, dataset: str | None, overrides: tuple[str, ...]) -> None:
     """Evaluate the streams with the test protocol, fuse their scores and write {out}/fusion/report.*."""
-    extra = []
+    extra = [f"fusion.dataset={json.dumps(dataset)}"] if dataset else []
     if streams is not None:
         extra.append(f"fusion.streams={json.dumps([s.strip() for s in streams.split(',') if s.strip()])}")
     if weights is not None:
