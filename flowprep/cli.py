@@ -17,7 +17,7 @@ from flowprep.extract import EXTRACT, JOB_KEYS, ExtractError, ExtractOptions, ru
 from flowprep.lock import StoreLocked
 from flowprep.store import StoreError
 from flowprep.synth import synth_command
-from twostream.progress import setup_logging
+from twostream.progress import verbosity_options
 from twostream.schema import ConfigError, given
 
 log = logging.getLogger("flowprep")
@@ -30,15 +30,13 @@ class JobError(click.ClickException):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More detail (-vv: debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Warnings, errors and the final summary only.")
-def main(verbose: int, quiet: bool) -> None:
+@verbosity_options
+def main() -> None:
     """flowprep: decode videos and compute TV-L1 optical flow into a store the two-stream trainer reads.
 
     Progress shows as a bar on a terminal and as a status line every 30 s
     (TWOSTREAM_PROGRESS_SECONDS) when output goes to a file.
     """
-    setup_logging(-1 if quiet else verbose)
 
 
 @main.command(context_settings={"show_default": True})

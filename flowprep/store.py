@@ -324,7 +324,22 @@ def _read_meta(path: Path, video_id: str) -> dict:
         raise StoreError(f"{path} of video {video_id} is damaged (not JSON: {e}); `flowprep extract` redoes it") from None
 
 
-class JpegVideoWriter:
+class _Writer:
+    """A write that is whole or nothing: `with` aborts it when the block raises (subclasses
+    define `abort`, which removes what was written under the temporary name)."""
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+class JpegVideoWriter(_Writer):
     """Writes one video's frames into a temporary folder; `commit` renames it into place."""
 
     flow_codec = "jpeg"
@@ -387,15 +402,8 @@ class JpegVideoWriter:
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-
-
-class Hdf5VideoWriter:
+class Hdf5VideoWriter(_Writer):
     """Writes one video into a temporary .h5 file, appending frame by frame (bounded memory).
 
     flow_codec "jpeg": flows as JPEGs like RGB; "raw": uint8 (n-1, H, W) datasets (module docstring).
@@ -501,13 +509,6 @@ class Hdf5VideoWriter:
         finally:
             self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-
 
 # Raw flow datasets: no compression filter (module docstring: every built-in one costs more to
 # inflate than JPEG costs to decode). A dict of h5py create_dataset keywords.
@@ -532,7 +533,7 @@ def open_writer(fmt: str, root: str | Path, video_id: str, jpeg_quality: int = 9
 
 # ---------------------------------------------------------------- adding backward flows
 
-class JpegBackwardWriter:
+class JpegBackwardWriter(_Writer):
     """Adds backward flows to a finished JPEG-store video: files into a temporary folder inside it,
     moved into place at `commit`, then meta.json rewritten (atomically, last: what makes them count).
     The forward files are never opened for writing."""
@@ -564,13 +565,6 @@ class JpegBackwardWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
 
 
 class Hdf5BackwardWriter(Hdf5VideoWriter):

@@ -17,7 +17,7 @@ from trainer.config import DATA, STREAM, resolve_stream, stream_names, stream_se
 from trainer.fuse_eval import fuse_eval_command
 from trainer.splits import SplitError
 from twostream.pipeline import describe, load_pipeline, read_pipeline
-from twostream.progress import setup_logging
+from twostream.progress import verbosity_options
 from twostream.schema import ConfigError, given
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -49,15 +49,13 @@ def build_config(pipeline: str, stream: str, options: dict, overrides: tuple[str
 
 
 @click.group(context_settings=CONTEXT)
-@click.option("-v", "--verbose", count=True, help="More detail (-vv: debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
-def main(verbose: int, quiet: bool) -> None:
+@verbosity_options
+def main() -> None:
     """Train, evaluate and fuse the streams of a two-stream action recogniser.
 
     Progress shows as a bar on a terminal and as a status line every 30 s
     (TWOSTREAM_PROGRESS_SECONDS) when output goes to a file.
     """
-    setup_logging(-1 if quiet else verbose)
 
 
 def common_options(f):

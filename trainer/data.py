@@ -256,6 +256,20 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
                       generator=torch.Generator().manual_seed(seed))
 
 
+def training_loaders(train_set: Dataset, val_set: Dataset | None, batch_size: int, workers: int,
+                     device: torch.device, seed: int, rank: int = 0, world: int = 1):
+    """(sampler, training loader, validation loader or None) for one process of `world`:
+    `batch_size` is the global batch, each process takes its share of every one."""
+    sampler = EpochSampler(len(train_set), batch_size, seed, rank, world)
+    per_rank = batch_size // world
+    loader = DevicePrefetcher(make_loader(train_set, sampler, per_rank, workers, device, seed), device)
+    val_loader = None
+    if val_set is not None and len(val_set):
+        val_loader = DevicePrefetcher(make_loader(val_set, ShardSampler(len(val_set), rank, world), per_rank,
+                                                  workers, device, seed), device)
+    return sampler, loader, val_loader
+
+
 class DevicePrefetcher:
     """Iterate a loader with each batch already on the GPU: batch i+1 is copied on a side
     stream while batch i computes, so host-to-device copies never stall the compute stream.

@@ -25,7 +25,7 @@ from flowprep.store import Store
 from trainer import checkpoint as C
 from trainer import transforms as T
 from trainer.config import stream_settings
-from trainer.data import ClipDataset, DevicePrefetcher, EpochSampler, ShardSampler, make_loader
+from trainer.data import ClipDataset, training_loaders
 from trainer.models import build_model, freeze_backbone, freeze_bn
 from trainer.splits import check_videos, class_names, split_identity, tasks_for
 from trainer.streams import FLOW_CENTER, FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, Input, get_input
@@ -224,18 +224,14 @@ def main(cfg: dict, stream: str) -> dict:
     common = dict(kind=kind, crop_size=args["crop_size"], flow_length=length)
     train_set = ClipDataset(train_roots, train_ids, train_labels, train_counts,
                             train=True, segments=args["segments"], seed=seed, **common)
+    val_set = ClipDataset(val_roots, val_ids, val_labels, val_counts, train=False, segments=args["segments"],
+                          **common)
     try:
-        sampler = EpochSampler(len(train_set), int(args["batch_size"]), seed, rank, world)
+        sampler, loader, val_loader = training_loaders(train_set, val_set, int(args["batch_size"]),
+                                                       int(args["workers"]), device, seed, rank, world)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     per_rank = int(args["batch_size"]) // world
-    loader = DevicePrefetcher(make_loader(train_set, sampler, per_rank, int(args["workers"]), device, seed), device)
-    val_loader = None
-    if val_ids:
-        val_set = ClipDataset(val_roots, val_ids, val_labels, val_counts,
-                              train=False, segments=args["segments"], **common)
-        val_loader = DevicePrefetcher(make_loader(val_set, ShardSampler(len(val_set), rank, world), per_rank,
-                                                  int(args["workers"]), device, seed), device)
     task_of = torch.tensor([k for k, t in enumerate(tasks) for _ in t.classes], device=device)
 
     def logits_fn(net):

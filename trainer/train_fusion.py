@@ -30,7 +30,7 @@ from torch import nn
 from flowprep.store import Store
 from trainer import checkpoint as C
 from trainer.config import JOINT, TRAIN
-from trainer.data import ClipDataset, DevicePrefetcher, EpochSampler, JointDataset, ShardSampler, make_loader
+from trainer.data import ClipDataset, JointDataset, make_loader, training_loaders
 from trainer.models import build_model, freeze_bn, head
 from trainer.network import TwoStreamNetwork, fusion_module, make_fusion
 from trainer.scores import Scores, save_scores
@@ -111,18 +111,14 @@ def train_joint(cfg: dict, method: str) -> dict:
     root = str(store.root)
     train_set = JointDataset(_stream_sets(net, root, train_part.video_ids, train_part.labels, train_counts, crop,
                                           train=True), train=True, segments=args["segments"], seed=seed)
+    val_set = JointDataset(_stream_sets(net, root, val_part.video_ids, val_part.labels, val_counts, crop,
+                                        train=False), train=False, segments=args["segments"])
     try:
-        sampler = EpochSampler(len(train_set), int(args["batch_size"]), seed, rank, world)
+        sampler, loader, val_loader = training_loaders(train_set, val_set, int(args["batch_size"]),
+                                                       int(args["workers"]), device, seed, rank, world)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     per_rank = int(args["batch_size"]) // world
-    loader = DevicePrefetcher(make_loader(train_set, sampler, per_rank, int(args["workers"]), device, seed), device)
-    val_loader = None
-    if val_part.video_ids:
-        val_set = JointDataset(_stream_sets(net, root, val_part.video_ids, val_part.labels, val_counts, crop,
-                                            train=False), train=False, segments=args["segments"])
-        val_loader = DevicePrefetcher(make_loader(val_set, ShardSampler(len(val_set), rank, world), per_rank,
-                                                  int(args["workers"]), device, seed), device)
     optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], args)
     scheduler = make_scheduler(optimizer, args, len(loader))
     criterion = nn.CrossEntropyLoss()  # on fused log-probabilities: the fused negative log-likelihood

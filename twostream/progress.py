@@ -46,6 +46,20 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+def verbosity_options(f):
+    """-v / -q for a command group: they call setup_logging before any command runs."""
+    def set_level(ctx, param, value):
+        if value:
+            ctx.meta[param.name] = value
+        level = -1 if ctx.meta.get("quiet") else ctx.meta.get("verbose", 0)
+        setup_logging(level)
+        return value
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=set_level,
+                     help="Warnings, errors and final summaries only.")(f)
+    return click.option("-v", "--verbose", count=True, expose_value=False, callback=set_level,
+                        help="More detail (-vv: debug).")(f)
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
