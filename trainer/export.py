@@ -96,9 +96,12 @@ def export_stream(cfg: dict, stream: str, out_dir: str | Path, onnx: bool = True
     paths["torchscript"] = save_atomic(out_dir / f"{stream}.torchscript.pt", lambda p: traced.save(str(p)))
     if onnx:
         try:
-            paths["onnx"] = save_atomic(out_dir / f"{stream}.onnx", lambda p: torch.onnx.export(
-                model, (example,), str(p), dynamo=False, input_names=["x"], output_names=["logits"],
-                dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}))
+            # the TorchScript-based exporter: the dynamo one needs onnxscript, one more package
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                paths["onnx"] = save_atomic(out_dir / f"{stream}.onnx", lambda p: torch.onnx.export(
+                    model, (example,), str(p), dynamo=False, input_names=["x"], output_names=["logits"],
+                    dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}))
         except Exception as e:  # noqa: BLE001 - the exporter is optional: say why and go on
             log.warning(f"{stream}: no ONNX file ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                         "`pip install onnx` (or the `[export]` extra) to write one")
