@@ -109,6 +109,26 @@ def save_epoch(run_dir: Path, last: dict, best: dict | None) -> None:
     draw_curve(last["log"], run_dir / CURVE)
 
 
+def commit_epoch(run_dir: Path, epoch: int, record: dict, best: tuple[float, int | None], has_val: bool,
+                 records: list[dict], world: int, rank: int, state, meta: dict) -> tuple[float, int | None]:
+    """End an epoch: the best so far by validation accuracy (without a validation part, the
+    latest epoch), then on rank 0 the epoch's files through `save_epoch`. Every rank calls it
+    (the RNG states are gathered); `state()` gives the model/optimizer/scheduler state dicts,
+    asked for on rank 0 only. Returns the new (best_acc, best_epoch)."""
+    best_acc, best_epoch = best
+    score = record.get("val_acc", record["train_acc"])
+    improved = not has_val or score > best_acc
+    if improved:
+        best_acc, best_epoch = score, epoch
+    states = all_rng_states(world)
+    if rank == 0:
+        records.append(record)
+        last = {**state(), "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch, "log": records,
+                "rng": states, **meta}
+        save_epoch(run_dir, last, best_from_last(last) if improved else None)
+    return best_acc, best_epoch
+
+
 def best_from_last(last: dict) -> dict:
     """best.pt's contents for an epoch that improved, from that epoch's last.pt."""
     drop = ("optimizer", "scheduler", "rng", "log", "best_acc", "best_epoch")

@@ -298,17 +298,11 @@ def main(cfg: dict, stream: str) -> dict:
         if val_loader is not None:
             # The plain module: DDP could wait on buffer syncs across ranks' unequal eval shares.
             record.update(evaluate(model, criterion, val_loader, device, logits_fn(model)))
-        score = record.get("val_acc", record["train_acc"])  # no val part: the latest epoch is the best
-        improved = val_loader is None or score > best_acc
-        if improved:
-            best_acc, best_epoch = score, epoch
-        states = C.all_rng_states(world)
+        best_acc, best_epoch = C.commit_epoch(
+            run_dir, epoch, record, (best_acc, best_epoch), val_loader is not None, records, world, rank,
+            lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict()}, meta)
         if rank == 0:
-            records.append(record)
-            last = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
-                    "best_epoch": best_epoch, "log": records, "rng": states, **meta}
-            C.save_epoch(run_dir, last, C.best_from_last(last) if improved else None)
             log.info(f"{name} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                               if k != "epoch"))
     if world > 1:

@@ -153,17 +153,11 @@ def train_joint(cfg: dict, method: str) -> dict:
             freeze_bn(net)
         if val_loader is not None:
             record.update(evaluate(net, criterion, val_loader, device, logits_fn(net)))
-        score = record.get("val_acc", record["train_acc"])
-        improved = val_loader is None or score > best_acc
-        if improved:
-            best_acc, best_epoch = score, epoch
-        states = C.all_rng_states(world)
+        best_acc, best_epoch = C.commit_epoch(
+            run_dir, epoch, record, (best_acc, best_epoch), val_loader is not None, records, world, rank,
+            lambda: {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict()}, meta)
         if rank == 0:
-            records.append(record)
-            last = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch, "log": records, "rng": states,
-                    **meta}
-            C.save_epoch(run_dir, last, C.best_from_last(last) if improved else None)
             log.info(f"joint {method} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                                      if k != "epoch"))
     if world > 1:
