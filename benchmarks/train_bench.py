@@ -30,7 +30,7 @@ from flowprep.quant import quantize
 from flowprep.store import open_writer, write_store_info
 from trainer.data import ClipDataset, DevicePrefetcher, EpochSampler, make_loader
 from trainer.models import build_model
-from trainer.streams import INPUTS
+from trainer.streams import DEFAULT_STREAMS, INPUTS
 from trainer.train import forward
 from trainer.utils import pick_device
 
@@ -59,9 +59,6 @@ def build_store(root: Path, fmt: str, videos: int, frames: int, size: tuple[int,
     return ids
 
 
-KINDS = {"spatial": "rgb", "temporal": "flow"}
-
-
 def time_steps(model, criterion, optimizer, batches, device, stream, steps: int, warmup: int,
                flow_length: int = 10) -> float:
     """Samples/s over `steps` training steps after `warmup` ones (includes waiting for batches)."""
@@ -76,7 +73,7 @@ def time_steps(model, criterion, optimizer, batches, device, stream, steps: int,
         x, y = next(it)
         y = y.to(device, non_blocking=True)
         args = {"flow_length": flow_length, "mean_subtraction": stream == "temporal", "amp": True}
-        loss = criterion(forward(model, x, device, INPUTS[KINDS[stream]], args), y)
+        loss = criterion(forward(model, x, device, INPUTS[DEFAULT_STREAMS[stream]], args), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -146,7 +143,7 @@ def main(quick, device, steps, archs, batch_size, workers, flow_length):
                     counts = [(frames, frames - 1)] * len(ids)
                     # The videos 64 times over: enough keys for the run from one epoch's sampler.
                     ds = ClipDataset(root, ids * 64, [i % 4 for i in range(len(ids))] * 64, counts * 64,
-                                     kind=INPUTS[KINDS[stream]], crop_size=crop, flow_length=flow_length, train=True)
+                                     kind=INPUTS[DEFAULT_STREAMS[stream]], crop_size=crop, flow_length=flow_length, train=True)
                     loader = make_loader(ds, EpochSampler(len(ds.video_ids), batch), batch, workers, dev)
                     real = time_steps(model, criterion, optimizer, DevicePrefetcher(loader, dev), dev, stream,
                                       steps, warmup, flow_length)

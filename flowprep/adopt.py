@@ -41,7 +41,6 @@ whose adopted copy passes `Store.check` are skipped.
 from __future__ import annotations
 
 import errno as errnos
-import json
 import os
 import re
 import shlex
@@ -60,9 +59,10 @@ import numpy as np
 from flowprep.lists import MMACTION2, SplitsError, read_splits, sorted_labels, write_lists
 from flowprep.lock import StoreLock, StoreLocked
 from flowprep.quant import DEFAULT_BOUND
-from flowprep.store import (DONE, META, STORE_INFO, Store, StoreError, add_expected, append_manifest, crc_hex,
-                            frame_name, id_problem, read_manifest, read_store_info, video_class, video_path,
-                            write_json_atomic, write_list_file, write_store_info)
+from flowprep.store import (DONE, LISTING_KEYS, META, STOP_ERRNOS, STORE_INFO, Store, StoreError, add_expected,
+                            append_manifest, commit_folder, crc_hex, frame_name, id_problem, os_error_sentence,
+                            read_manifest, read_store_info, video_class, video_path, write_json_atomic,
+                            write_list_file, write_store_info)
 from twostream.atomic import remove_temps, temp_name
 from twostream.progress import Progress
 
@@ -73,8 +73,6 @@ STORE_VERSION = 1
 PREFIXES = {"img_": "img", "flow_x_": "flow_x", "x_": "flow_x", "flow_y_": "flow_y", "y_": "flow_y"}
 NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<num>\d+)(?P<ext>\.jpe?g)$", re.IGNORECASE)
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-STOP_ERRNOS = {errnos.ENOSPC: "the disk is full", errnos.EDQUOT: "the disk quota is exceeded",
-               errnos.EROFS: "the store's file system is read-only"}
 
 
 class AdoptError(Exception):
@@ -353,7 +351,6 @@ class Job:
     src: Path
     out: Path
     mode: str  # "in place", "link", "copy", "move"
-    bound: float
     info: dict
 
 
@@ -425,14 +422,7 @@ def adopt_video(job: Job, found: Found) -> dict:
             for kind, seq in found.frames.items():
                 for i, path in enumerate(seq.paths()[:keep[kind]]):
                     _place(job, path, tmp / frame_name(kind, i))
-            (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            if final.exists():  # a redo: swap the old copy out before removing it
-                old = temp_name(final, "old.")
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            commit_folder(tmp, final, meta)
             tmp = None
             if job.mode == "move":
                 _finish_move(meta, final)
@@ -441,11 +431,8 @@ def adopt_video(job: Job, found: Found) -> dict:
     except Odd as e:
         rec.update(status="failed", frames=0, flows=0, size=None, error=str(e))
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        stop = e.errno in STOP_ERRNOS
-        rec.update(status="failed", frames=0, flows=0, size=None,
-                   error=f"{e.strerror or e}{where}" + (f": {STOP_ERRNOS[e.errno]} where the store is" if stop else ""),
-                   errno=errnos.errorcode[e.errno] if stop else None)
+        rec.update(status="failed", frames=0, flows=0, size=None, error=os_error_sentence(e, job.out),
+                   errno=errnos.errorcode[e.errno] if e.errno in STOP_ERRNOS else None)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -628,12 +615,12 @@ def _run_locked(summary: AdoptSummary, lock: StoreLock, src: Path, out: Path, fo
             "implementation": "adopted: flow computed elsewhere, bound as given to flowprep adopt",
             **({"flow_root": str(flows_at), "rgb_root": str(rgb_at) if rgb_at else None} if layout == "uv" else {}),
             **({"class_regex": class_regex} if class_regex else {})}
-    store_info = {**{k: v for k, v in old.items() if k in ("labels_from", "classes", "splits", "mmaction2")},
+    store_info = {**{k: v for k, v in old.items() if k in LISTING_KEYS},
                   **info, "rgb": old.get("rgb", True)}
     write_store_info(out, store_info)
     video_info = {k: info[k] for k in ("adopted_from", "bound", "direction", "algo", "preset", "params",
                                        "implementation")}
-    job = Job(src, out, mode, float(bound), video_info)
+    job = Job(src, out, mode, video_info)
 
     store = Store(out)
     manifest = read_manifest(out)
@@ -675,8 +662,8 @@ def _run_locked(summary: AdoptSummary, lock: StoreLock, src: Path, out: Path, fo
                         summary.stopped = rec["error"]
                         pool.shutdown(wait=False, cancel_futures=True)
                 bar.update(1, failed=int(rec["status"] not in DONE))
-    add_expected(out, [(vid, next(str(f.folder) for f in found if f.video_id == vid))
-                       for vid in summary.adopted + summary.skipped])
+    folder_of = {f.video_id: str(f.folder) for f in reversed(found)}  # the first folder of an id
+    add_expected(out, [(vid, folder_of[vid]) for vid in summary.adopted + summary.skipped])
     records = read_manifest(out).values()
     labels = labels or sorted_labels(r["id"] for r in records if r.get("status") in DONE)
     write_list_file(out, records, labels.index)

@@ -15,6 +15,7 @@ import click
 
 from flowprep.extract import EXTRACT, JOB_KEYS, ExtractError, ExtractOptions, run_extract
 from flowprep.lock import StoreLocked
+from flowprep.quant import DEFAULT_BOUND
 from flowprep.store import StoreError
 from flowprep.synth import synth_command
 from twostream.progress import verbosity_options
@@ -132,7 +133,7 @@ def _interrupt(signum, frame):
 @click.option("--class-regex", help="Class of a video from its folder name when the folders are not per class: "
               "the regex's group 'class' or first group, e.g. 'v_([A-Za-z]+)_g' for UCF-101 names; the id becomes "
               "<class>/<name>.")
-@click.option("--bound", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+@click.option("--bound", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BOUND, show_default=True,
               help="The bound the flow JPEGs were quantized with (q = 255 (v + b) / 2b): JPEGs cannot say, so it is "
                    "recorded as given.")
 @click.option("--copy", "mode", flag_value="copy", help="Copy the frames into --out (as much space again) instead of "

@@ -59,10 +59,11 @@ from flowprep.flow import (ALGORITHMS, ALGOS, PRESET_NAMES, PRESETS, check_devic
 from flowprep.lists import MMACTION2, Labels, SplitsError, read_splits, sorted_labels, write_lists
 from flowprep.lock import StoreLock, StoreLocked
 from flowprep.quant import DEFAULT_BOUND, quantize
-from flowprep.store import (DIRECTIONS, DONE, FLOW_CODECS, FORMATS, LOGS, STORE_INFO, Store, StoreError,
-                            add_expected, append_manifest, clean_temps, encode_jpeg, open_backward_writer,
-                            open_writer, read_findings, read_manifest, read_store_info, store_direction,
-                            video_class, video_path, write_findings, write_list_file, write_store_info)
+from flowprep.store import (DIRECTIONS, DONE, FLOW_CODECS, FORMATS, LISTING_KEYS, LOGS, STOP_ERRNOS, STORE_INFO,
+                            Store, StoreError, add_expected, append_manifest, clean_temps, encode_jpeg,
+                            open_backward_writer, open_writer, os_error_sentence, read_findings, read_manifest,
+                            read_store_info, store_direction, video_class, video_path, write_findings,
+                            write_list_file, write_store_info)
 from flowprep.video import VideoError, probe, read_frames, scan_videos
 from twostream.progress import Progress
 from twostream.schema import ConfigError, Key, Options, Section, boolean, integer, number, optional, size, string
@@ -81,13 +82,8 @@ TEST_EXIT_ENV = "FLOWPREP_TEST_EXIT_ONCE"
 TEST_DELAY_ENV = "FLOWPREP_TEST_FRAME_DELAY"
 # Below this much free space on the store's disk the job does not start.
 MIN_FREE_BYTES = 64 << 20
-# A video failing with one of these (writing the store) stops the job: the next would fail too.
-STOP_ERRNOS = {errnos.ENOSPC: "the disk is full", errnos.EDQUOT: "the disk quota is exceeded",
-               errnos.EROFS: "the store's file system is read-only"}
 # The command that turns a main-modules OpenCV into the contrib build TV-L1 on the CPU needs.
 CONTRIB_FIX = "pip uninstall opencv-python opencv-python-headless && pip install opencv-contrib-python-headless"
-# store.json keys that are not extraction parameters: a resumed job need not match them.
-LISTING_KEYS = ("labels_from", "classes", "splits", "mmaction2")
 
 
 def _preset_help() -> str:
@@ -219,9 +215,7 @@ def _failure(e: Exception, store_root: str | Path) -> tuple[str, str | None]:
     if isinstance(e, VideoError):
         return e.reason, None
     if isinstance(e, OSError) and e.errno in STOP_ERRNOS:
-        where = f" ({e.filename})" if e.filename else ""
-        return (f"{e.strerror}{where}: {STOP_ERRNOS[e.errno]} where the store {store_root} is",
-                errnos.errorcode[e.errno])
+        return os_error_sentence(e, store_root), errnos.errorcode[e.errno]
     return f"{type(e).__name__}: {e}", None
 
 
@@ -607,11 +601,10 @@ def _check_opencv(opts: ExtractOptions) -> None:
 
 
 def _os_sentence(e: OSError, out: Path) -> str:
-    where = f" ({e.filename})" if e.filename else ""
     if e.errno in STOP_ERRNOS:
-        return (f"{e.strerror}{where}: {STOP_ERRNOS[e.errno]} where the store {out} is; free some space or choose "
-                "another --out, then run the same command again (finished videos are kept)")
-    return f"{e.strerror or e}{where}"
+        return (os_error_sentence(e, out) + "; free some space or choose another --out, then run the same command "
+                "again (finished videos are kept)")
+    return os_error_sentence(e, out)
 
 
 def _make_store_folder(out: Path) -> None:

@@ -108,7 +108,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("farneback", "OpenCV Farneback (" + ", ".join(f"{k} {v}" for k, v in FARNEBACK.items()) + ")",
               {"default": FARNEBACK}, "default", _make_farneback),
     Algorithm("dis", "OpenCV DIS optical flow (presets ultrafast, fast, medium)",
-              {n: {"preset": n} for n in _DIS_IDS}, "medium", _make_dis),
+              {n: _dis_params(n) for n in _DIS_IDS}, "medium", _make_dis),
     Algorithm("deepflow", "OpenCV contrib DeepFlow (cv2.optflow.createOptFlow_DeepFlow, its defaults)",
               {"default": {"function": "cv2.optflow.createOptFlow_DeepFlow"}}, "default", _make_deepflow),
     Algorithm("lk", "dense Lucas-Kanade: cv2.optflow.calcOpticalFlowSparseToDense ("
@@ -137,9 +137,7 @@ def resolve_preset(algo: str, preset: str | None = None) -> str:
 
 def flow_params(algo: str, preset: str | None = None) -> dict:
     """The exact parameters `make_flow(algo, preset)` uses (recorded in every stored video)."""
-    name = resolve_preset(algo, preset)
-    if algo == "dis":
-        return _dis_params(name)
+    name = resolve_preset(algo, preset)  # first: it names a wrong algo or preset
     return dict(ALGORITHMS[algo].presets[name])
 
 

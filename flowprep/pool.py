@@ -151,10 +151,9 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[Hashable, tuple]], workers: in
                 if w.conn not in ready and w.proc.sentinel not in ready:
                     continue
                 key, args = w.task
-                result = None
                 if w.conn in ready:
                     try:
-                        ok, result = w.conn.recv()
+                        _, result = w.conn.recv()
                         w.task = None
                         idle.append(w)
                         yield key, result

@@ -89,6 +89,7 @@ and "jpeg".
 """
 from __future__ import annotations
 
+import errno as errnos
 import json
 import os
 import shutil
@@ -118,6 +119,11 @@ KINDS = ("img", "flow_x", "flow_y", "bflow_x", "bflow_y")
 H5_NAMES = {"img": "rgb", "flow_x": "flow_x", "flow_y": "flow_y", "bflow_x": "bflow_x", "bflow_y": "bflow_y"}
 # A video whose record has one of these statuses is in the store (partial: its source was cut short).
 DONE = ("ok", "partial")
+# store.json keys that are not extraction parameters: a resumed job need not match them.
+LISTING_KEYS = ("labels_from", "classes", "splits", "mmaction2")
+# A video failing with one of these (writing the store) stops the job: the next would fail too.
+STOP_ERRNOS = {errnos.ENOSPC: "the disk is full", errnos.EDQUOT: "the disk quota is exceeded",
+               errnos.EROFS: "the store's file system is read-only"}
 
 
 class StoreError(RuntimeError):
@@ -324,6 +330,34 @@ def _read_meta(path: Path, video_id: str) -> dict:
         raise StoreError(f"{path} of video {video_id} is damaged (not JSON: {e}); `flowprep extract` redoes it") from None
 
 
+def os_error_sentence(e: OSError, store: str | Path) -> str:
+    """An OSError out of one video as a sentence: the error, its file, and for a STOP_ERRNOS
+    error what it means for the store."""
+    where = f" ({e.filename})" if e.filename else ""
+    stop = f": {STOP_ERRNOS[e.errno]} where the store {store} is" if e.errno in STOP_ERRNOS else ""
+    return f"{e.strerror or e}{where}{stop}"
+
+
+def commit_folder(tmp: Path, final: Path, meta: dict) -> Path:
+    """Put a video folder written under the temporary name `tmp` in place as `final`, its
+    meta.json written last inside it (what makes the video count). A redo swaps the old copy
+    out before removing it; a file or link at `final` is not ours and is refused."""
+    (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    if final.is_symlink() or final.is_file():
+        # Not a copy of ours (ids are checked, so this is inside the store): refuse to replace it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(f"{final} is in the way of video {meta.get('id', final.name)}: "
+                         "not a video folder; move it out of the store")
+    if final.exists():
+        old = temp_name(final, "old.")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
 class _Writer:
     """A write that is whole or nothing: `with` aborts it when the block raises (subclasses
     define `abort`, which removes what was written under the temporary name)."""
@@ -384,20 +418,7 @@ class JpegVideoWriter(_Writer):
         meta = dict(meta, frames=self.frames, flows=self.flows, bflows=self.bflows, format="jpeg", encoding="jpeg",
                     flow_codec="jpeg", jpeg_quality=self.quality, rgb=self.rgb_written == self.frames, complete=True,
                     crc32=crc)
-        (self.tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if self.final.is_symlink() or self.final.is_file():
-            # Not a copy of ours (ids are checked, so this is inside the store): refuse to replace it.
-            self.abort()
-            raise StoreError(f"{self.final} is in the way of video {meta.get('id', self.final.name)}: "
-                             "not a video folder; move it out of the store")
-        if self.final.exists():  # a redo: swap the old copy out before removing it
-            old = temp_name(self.final, "old.")
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-        return self.final
+        return commit_folder(self.tmp, self.final, meta)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -633,7 +654,6 @@ class VideoReader:
         self.path = video_path(root, video_id, fmt)
         self._h5 = None
         self._ds: dict = {}
-        self._bufs: dict[tuple, np.ndarray] = {}  # raw flow read buffers, by shape
         if fmt == "jpeg":
             meta_path = self.path / META
             if not meta_path.is_file():
@@ -714,44 +734,13 @@ class VideoReader:
     def rgb(self, i: int) -> np.ndarray:
         return decode_jpeg(self.rgb_bytes(i), gray=False, what=self._what("img", i))
 
-    def _raw_planes(self, start: int, length: int, backward: bool) -> np.ndarray:
-        """(2, length, H, W) uint8: x then y planes of flows start.., read straight into a reused buffer
-        (one contiguous read per component: a chunk per frame, so nothing outside the range is read)."""
-        kx, ky = FLOW_KINDS[backward]
-        self._check_index(kx, start, length)
-        dx, dy = self._dataset(kx), self._dataset(ky)
-        shape = (2, length, *dx.shape[1:])
-        buf = self._bufs.get(shape)
-        if buf is None:
-            buf = self._bufs[shape] = np.empty(shape, np.uint8)
-        sel = np.s_[start:start + length]
-        dx.read_direct(buf[0], sel)
-        dy.read_direct(buf[1], sel)
-        return buf
-
     def flow(self, i: int, backward: bool = False) -> np.ndarray:
-        if self._raw:
-            b = self._raw_planes(i, 1, backward)
-            return _merge([b[0, 0], b[1, 0]])
-        bx, by = self.flow_bytes(i, backward)
-        kx, ky = FLOW_KINDS[backward]
-        return _merge([decode_jpeg(bx, True, self._what(kx, i)), decode_jpeg(by, True, self._what(ky, i))])
+        return self.flow_stack(i, 1, backward)
 
     def flow_stack(self, start: int, length: int, backward: bool = False) -> np.ndarray:
-        """HxWx2L uint8, x_start, y_start, x_start+1, ...: two HDF5 reads (one per component) in an
-        HDF5 store, then one interleave (cv2.merge, which copies: the result is the caller's)."""
-        kx, ky = FLOW_KINDS[backward]
-        if self._raw:
-            b = self._raw_planes(start, length, backward)
-            return _merge([b[c, k] for k in range(length) for c in (0, 1)])
-        self._check_index(kx, start, length)
-        if self._h5 is None:
-            return _merge([decode_jpeg((self.path / frame_name(k, start + j)).read_bytes(), True,
-                                       self._what(k, start + j)) for j in range(length) for k in (kx, ky)])
-        # One HDF5 read per direction: about 10x cheaper than 2L single-element reads.
-        xs, ys = self._dataset(kx)[start:start + length], self._dataset(ky)[start:start + length]
-        return _merge([decode_jpeg(b, True, self._what(k, start + i)) for i, pair in enumerate(zip(xs, ys))
-                       for k, b in zip((kx, ky), pair)])
+        """HxWx2L uint8, x_start, y_start, x_start+1, ...: `flow_planes` interleaved (cv2.merge,
+        which copies: the result is the caller's)."""
+        return _merge(list(self.flow_planes(start, length, backward)))
 
     def flow_planes(self, start: int, length: int, backward: bool = False,
                     box: tuple[int, int, int, int] | None = None) -> np.ndarray:

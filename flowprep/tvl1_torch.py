@@ -79,6 +79,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flowprep.flow import ACCURATE as DEFAULTS  # OpenCV's DualTVL1OpticalFlow defaults
+
 _FLT_EPSILON = float(np.finfo(np.float32).eps)  # std::numeric_limits<float>::epsilon() in estimateV
 _COMPACT_FRACTION = 0.75  # shrink the working batch when at most this share of it is still live
 _MEDIAN_CHUNK = 1 << 27  # elements of the k*k median intermediates per chunk (512 MiB float32)
@@ -305,10 +307,6 @@ def _kernels(compile: bool):
 # per-level pieces shared by the fixed-batch solver and the continuous scheduler
 
 
-DEFAULTS = dict(
-    tau=0.25, lambda_=0.15, theta=0.3, nscales=5, warps=5, epsilon=0.01,
-    inner_iterations=30, outer_iterations=10, scale_step=0.8, median_filtering=5,
-)  # OpenCV's DualTVL1OpticalFlow defaults (= flowprep.flow.PRESETS["accurate"])
 
 
 @dataclass

@@ -3,20 +3,9 @@ import shutil
 
 import cv2
 import pytest
-from click.testing import CliRunner
 
-from flowprep.cli import main
-from videos import bikes_path, write_bad_videos, write_moving_video
-
-FAST = ["--backend", "joblib", "--workers", "2", "--size", "64x48", "--preset", "fast"]
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
+from videos import FAST, bikes_path, write_bad_videos, write_moving_video
+from videos import run_flowprep as run
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):

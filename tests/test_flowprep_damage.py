@@ -1,38 +1,18 @@
 """Damage to a store is found and repaired: bytes changed in place (a frame that still decodes, wrongly),
 a truncated frame, a half-finished store. `flowprep verify` names the video and the frame; a re-run
 after verify, or `flowprep extract --repair`, redoes exactly those videos, byte-identical to a clean run."""
-import filecmp
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from flowprep.cli import main
 from flowprep.store import MANIFEST, Store
-from videos import write_moving_video
+from videos import FAST, assert_same_store, write_moving_video
+from videos import run_flowprep as run
 
-FAST = ["--backend", "joblib", "--workers", "2", "--size", "64x48", "--preset", "fast"]
 VIDEOS = ["wave/a", "wave/b", "run/c"]
 
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def store_files(root: Path) -> dict[str, Path]:
-    """What must be identical between stores: everything but the manifest's history."""
-    return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
-
-
-def assert_same_store(a: Path, b: Path):
-    fa, fb = store_files(a), store_files(b)
-    assert sorted(fa) == sorted(fb)
-    assert [k for k in fa if not filecmp.cmp(fa[k], fb[k], shallow=False)] == []
 
 
 @pytest.fixture(scope="module", params=["jpeg", "hdf5"])

@@ -2,7 +2,6 @@
 
 One Ray cluster serves the whole module (starting one costs seconds); run_extract reuses a running one.
 """
-import filecmp
 import os
 import shutil
 import tempfile
@@ -12,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from flowprep.extract import TEST_EXIT_ENV, ExtractError, ExtractOptions, extract_video, run_extract
-from flowprep.store import MANIFEST, Store, read_manifest
+from flowprep.store import Store, read_manifest
 from flowprep.verify import verify_store
-from videos import write_bad_videos, write_moving_video
+from videos import assert_same_store, write_bad_videos, write_moving_video
 
 OPTS = ExtractOptions(size=(64, 48), preset="fast")
 GOOD = ["jump/v1", "jump/v2", "run/v3"]
@@ -40,16 +39,6 @@ def ray_cluster():
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
-
-def store_files(root: Path) -> dict[str, Path]:
-    return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
-
-
-def assert_same_store(a: Path, b: Path):
-    fa, fb = store_files(a), store_files(b)
-    assert sorted(fa) == sorted(fb)
-    different = [k for k in fa if not filecmp.cmp(fa[k], fb[k], shallow=False)]
-    assert different == []
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,17 @@ import errno
 import os
 import shutil
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import flowprep.extract
-from flowprep.cli import main
 from flowprep.extract import TEST_EXIT_ENV, ExtractOptions, failed_record, run_extract
-from flowprep.store import MANIFEST, read_manifest
-from videos import write_moving_video
+from flowprep.store import read_manifest
+from videos import FAST, assert_same_store, write_moving_video
+from videos import run_flowprep as cli
 
 OPTS = ExtractOptions(size=(64, 48), preset="fast")
 GOOD = ["jump/v1", "jump/v2", "run/v3"]
-FAST = ["--backend", "joblib", "--workers", "2", "--size", "64x48", "--preset", "fast"]
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +36,6 @@ def reference(videos, tmp_path_factory):
     return out
 
 
-def same_store(a: Path, b: Path) -> bool:
-    files = lambda r: {p.relative_to(r).as_posix(): p.read_bytes() for p in r.rglob("*")  # noqa: E731
-                       if p.is_file() and p.name != MANIFEST}
-    return files(a) == files(b)
-
-
-def cli(*args, env=None):
-    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 # ---------------------------------------------------------------- 7. killed joblib workers
 
 def test_killed_joblib_worker_is_retried(videos, reference, tmp_path, monkeypatch):
@@ -61,7 +45,7 @@ def test_killed_joblib_worker_is_retried(videos, reference, tmp_path, monkeypatc
     summary = run_extract(videos, out, OPTS, workers=2, backend="joblib", progress=False)
     assert marker.exists()  # the worker really died mid-video
     assert sorted(summary.done) == GOOD and summary.exit_code == 0
-    assert same_store(out, reference)
+    assert_same_store(out, reference)
 
 
 def test_worker_killed_on_every_try_fails_its_video_only(videos, tmp_path, monkeypatch):

@@ -4,21 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from flowprep.cli import main
-from videos import write_moving_video
+from videos import FAST, write_moving_video
+from videos import run_flowprep as cli
 
-FAST = ["--backend", "joblib", "--workers", "2", "--size", "64x48", "--preset", "fast"]
 # As in UCF-101's classInd.txt, where a case-sensitive sort would swap each pair.
 UCF_CLASSES = ["Hammering", "HammerThrow", "JumpingJack", "JumpRope"]
-
-
-def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

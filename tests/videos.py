@@ -1,10 +1,12 @@
-"""Small test videos: textured frames with known motion, MJPG .avi files, broken files, real footage.
+"""Small test videos: textured frames with known motion, MJPG .avi files, broken files, real footage;
+and the flowprep CLI runner and store comparison the flowprep tests share.
 
 Shared by the flowprep and trainer tests (`from videos import ...` with tests/ on sys.path, which
 pytest's rootdir-relative import of test modules provides).
 """
 from __future__ import annotations
 
+import filecmp
 import importlib.util
 from pathlib import Path
 
@@ -115,3 +117,34 @@ def trimmed_bikes(path: str | Path, n: int = 6, size: tuple[int, int] = (160, 68
         frames.append(cv2.resize(f, size, interpolation=cv2.INTER_AREA))
     cap.release()
     return write_video(path, frames)
+
+
+# ---------------------------------------------------------------- flowprep CLI and stores
+
+# Quick extraction options for CLI tests: small frames, the fast TV-L1, no Ray start-up.
+FAST = ["--backend", "joblib", "--workers", "2", "--size", "64x48", "--preset", "fast"]
+
+
+def run_flowprep(*args, env: dict | None = None):
+    """`flowprep ARGS` in-process; an exception other than the exit itself is raised, not hidden."""
+    from click.testing import CliRunner
+
+    from flowprep.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def store_files(root: Path) -> dict[str, Path]:
+    """What must be identical between stores: everything but the manifest's history."""
+    from flowprep.store import MANIFEST
+
+    return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    fa, fb = store_files(a), store_files(b)
+    assert sorted(fa) == sorted(fb)
+    assert [k for k in fa if not filecmp.cmp(fa[k], fb[k], shallow=False)] == []

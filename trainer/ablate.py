@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from flowprep.store import Store, read_store_info
+from trainer.streams import get_input
 from twostream.atomic import write_atomic
 from twostream.pipeline import validate
 
@@ -96,6 +95,8 @@ def _has_backward(store: Path) -> bool:
 def run_cell(cfg: dict, cell: Cell, out: Path) -> dict:
     from trainer.config import stream_settings
     from trainer.evaluate import score_stream
+    from trainer.report import metrics
+    from trainer.train import _plain
     from trainer.train import main as train
 
     settings = {k: v for k, v in stream_settings(cfg, cell.base).items() if k != "name"}
@@ -108,16 +109,10 @@ def run_cell(cfg: dict, cell: Cell, out: Path) -> dict:
     t0 = time.perf_counter()
     train(run, cell.name)
     scores = score_stream(run, cell.name, "test", show=False)
-    pred = scores.scores.argmax(1)
-    per_class = [float(np.mean(pred[scores.labels == c] == c)) for c in range(len(scores.class_names))
-                 if np.any(scores.labels == c)]
+    m = metrics(scores.scores, scores.labels, len(scores.class_names))
     return {"cell": cell.name, "group": cell.group, "settings": _plain(settings), "algo": cell.algo,
-            "top1": round(float(np.mean(pred == scores.labels)), 6), "mean_class_acc": round(float(np.mean(per_class)), 6),
+            "top1": round(m["top1"], 6), "mean_class_acc": round(m["mean_class_acc"], 6),
             "videos": len(scores.labels), "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _plain(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=list))
 
 
 def ablate(cfg: dict, only: list[str] | None = None) -> dict:
@@ -130,10 +125,10 @@ def ablate(cfg: dict, only: list[str] | None = None) -> dict:
         if unknown:
             raise ValueError(f"unknown ablation cell(s) {', '.join(unknown)}; cells: {', '.join(c.name for c in cells)}")
         cells = [c for c in cells if c.name in only]
-    if any(c.settings.get("input") == "flow_bidir" for c in cells) and not _has_backward(Path(cfg["data"]["store"])):
-        for c in cells:
-            if c.settings.get("input") == "flow_bidir":
-                c.skip = "the store has no backward flow: extract with --direction both"
+    backward = [c for c in cells if "input" in c.settings and "bflow" in get_input(c.settings["input"]).reads]
+    if backward and not _has_backward(Path(cfg["data"]["store"])):
+        for c in backward:
+            c.skip = "the store has no backward flow: extract with --direction both"
     results = []
     for i, cell in enumerate(cells, 1):
         path = out / "cells" / f"{cell.name}.json"
@@ -166,7 +161,7 @@ def render(results: list[dict]) -> str:
             continue
         s = r["settings"]
         inp = s["input"] + (f" ({r['algo']})" if r.get("algo") else "")
-        flowish = s["input"] in ("flow", "flow_bidir", "trajectory")
+        flowish = get_input(s["input"]).is_flow
         lines.append(f"| {r['group']} | {r['cell']} | {inp} | {s['flow_length'] if s['input'] != 'rgb' else ''} | "
                      f"{('on' if s['mean_subtraction'] else 'off') if flowish else ''} | {100 * r['top1']:.2f} | "
                      f"{100 * r['mean_class_acc']:.2f} | {r['seconds']:.0f} s |")

@@ -158,6 +158,8 @@ class JointDataset(Dataset):
         self.streams, self.train, self.segments, self.seed = streams, train, int(segments), int(seed)
         self.samples, self.crops = int(samples), crops
         self.base = streams[0]
+        for s in streams[1:]:  # one reader per video for all streams (the cache is keyed by store and video)
+            s.videos = self.base.videos
 
     def __len__(self) -> int:
         n = len(self.base.video_ids)

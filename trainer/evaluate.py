@@ -18,7 +18,7 @@ from trainer.checkpoint import load_best
 from trainer.config import resolve_stream, stream_settings
 from trainer.data import ProtocolDataset, make_loader
 from trainer.models import build_model, head
-from trainer.scores import Scores, save_scores
+from trainer.scores import Scores, save_scores, scores_file
 from trainer.splits import PARTS, check_same_split, check_videos, split_from_config, split_identity
 from trainer.streams import get_input
 from trainer.train import image_logits
@@ -80,11 +80,6 @@ def provenance(cfg: dict, ck: dict, part: str, split_id: dict) -> dict:
     ev = cfg["eval"]
     return {"stream": ck["stream"], "input": ck.get("input"), "checkpoint_epoch": int(ck["epoch"]), "part": part,
             "split": split_id, "segments": ev["segments"], "crops": ev["crops"], "store": str(cfg["data"]["store"])}
-
-
-def scores_file(stream_dir: Path, part: str, dataset: str = "") -> Path:
-    """scores_<part>.npz, or scores_<dataset>_<part>.npz for one dataset of a multi-task stream."""
-    return stream_dir / (f"scores_{dataset}_{part}.npz" if dataset else f"scores_{part}.npz")
 
 
 def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None = None, show: bool = True,

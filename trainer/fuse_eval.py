@@ -25,7 +25,7 @@ import numpy as np
 from flowprep.store import StoreError
 from trainer.fusion import METHODS, FusionError, check_streams
 from trainer.report import build_report, metrics, render_table, write_report
-from trainer.scores import Scores, load_scores, save_scores
+from trainer.scores import Scores, load_scores, save_scores, scores_file
 from trainer.splits import SplitError, check_same_split
 from twostream.atomic import save_atomic, write_atomic
 from twostream.pipeline import load_pipeline, validate
@@ -42,8 +42,7 @@ def _dataset(cfg: dict, stream: str) -> str:
 
 
 def scores_path(cfg: dict, stream: str, part: str) -> Path:
-    ds = _dataset(cfg, stream)
-    return Path(cfg["out"]) / stream / (f"scores_{ds}_{part}.npz" if ds else f"scores_{part}.npz")
+    return scores_file(Path(cfg["out"]) / stream, part, _dataset(cfg, stream))
 
 
 def _data_cfg(cfg: dict) -> dict:
@@ -220,10 +219,11 @@ def _joint_scores(cfg: dict, test: list[Scores], val: list[Scores] | None, evalu
                   reuse_scores: bool) -> dict[str, tuple[Scores, Scores | None]]:
     """Scores of the jointly fine-tuned networks of this run (train-fusion --joint), if any."""
     from trainer.network import FUSIONS
+    from trainer.train_fusion import joint_dir, score_joint
 
     found = {}
     for method in FUSIONS:
-        run_dir = Path(cfg["out"]) / f"joint_{method}"
+        run_dir = joint_dir(cfg, method)
         if not (run_dir / "best.pt").is_file() and not (run_dir / "last.pt").is_file():
             continue
         got = []
@@ -231,13 +231,11 @@ def _joint_scores(cfg: dict, test: list[Scores], val: list[Scores] | None, evalu
             if ref is None:
                 got.append(None)
                 continue
-            path = run_dir / f"scores_{part}.npz"
+            path = scores_file(run_dir, part)
             if (reuse_scores or not evaluate) and path.is_file():
                 s = load_scores(path)
                 _check_fresh(cfg, s, f"joint_{method}", part, path)
             elif evaluate:
-                from trainer.train_fusion import score_joint
-
                 s = score_joint(cfg, method, part)
             else:
                 s = None

@@ -17,6 +17,12 @@ import numpy as np
 from twostream.atomic import save_atomic
 
 
+def scores_file(run_dir: Path, part: str, dataset: str = "") -> Path:
+    """A stream's (or joint network's) scores of `part`: scores_<part>.npz, or
+    scores_<dataset>_<part>.npz for one dataset of a multi-task stream."""
+    return Path(run_dir) / (f"scores_{dataset}_{part}.npz" if dataset else f"scores_{part}.npz")
+
+
 @dataclass
 class Scores:
     video_ids: list[str]

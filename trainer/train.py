@@ -172,8 +172,8 @@ def normalization(kind: Input, length: int, mean_subtraction: bool) -> dict:
 def check_crop_size(store: Store, video_id: str, crop: int) -> None:
     """Training crops are cut from the frame's short side: a larger crop would be a silent upscale."""
     with store.open(video_id) as v:
-        w, h = v.meta.get("size") or (v.rgb(0) if v.has_rgb else v.flow(0)).shape[1::-1]
-    if w and h and crop > min(w, h):
+        w, h = v.size
+    if crop > min(w, h):
         raise ConfigError(f"crop_size {crop} is larger than the stored frames ({w}x{h}); use a crop_size of at most "
                           f"{min(w, h)}, or re-extract at a larger --size")
 

@@ -33,7 +33,7 @@ from trainer.config import JOINT, TRAIN
 from trainer.data import ClipDataset, JointDataset, make_loader, training_loaders
 from trainer.models import build_model, freeze_bn, head
 from trainer.network import TwoStreamNetwork, fusion_module, make_fusion
-from trainer.scores import Scores, save_scores
+from trainer.scores import Scores, save_scores, scores_file
 from trainer.splits import check_same_split, check_videos, split_from_config, split_identity
 from trainer.train import _plain, evaluate, make_optimizer, make_scheduler, train_one_epoch
 from trainer.utils import init_distributed, pick_device, seed_everything, setup_device
@@ -181,7 +181,6 @@ def load_joint(cfg: dict, method: str) -> tuple[TwoStreamNetwork, dict]:
         s.net = build_model(m["arch"], m["num_classes"], m["in_channels"], dropout=0.0)
     net.fusion = _fresh_fusion(cfg["fusion"], ck["fusion"], net)
     net.load_state_dict(ck["model"])
-    net.class_names = list(ck["class_names"])
     return net.eval(), ck
 
 
@@ -220,5 +219,5 @@ def score_joint(cfg: dict, method: str, part: str = "test", show: bool = True) -
     meta = {"stream": f"joint_{method}", "checkpoint_epoch": int(ck["epoch"]), "part": part, "split": split_id,
             "segments": ev["segments"], "crops": ev["crops"], "store": str(cfg["data"]["store"])}
     scores = Scores(videos.video_ids, videos.labels, list(ck["class_names"]), probs, meta)
-    save_scores(joint_dir(cfg, method) / f"scores_{part}.npz", scores)
+    save_scores(scores_file(joint_dir(cfg, method), part), scores)
     return scores
