@@ -13,7 +13,7 @@ FUSION   ?= attention
 JOINT    ?=
 VIDEOS   ?=
 
-.PHONY: setup test test-fast synth extract train-spatial train-temporal fuse-eval train-fusion ablate predict \
+.PHONY: setup test test-fast imports synth extract train-spatial train-temporal fuse-eval train-fusion ablate predict \
         demo demo-data bench clean-demo
 
 setup: $(VENV)/.installed
@@ -25,36 +25,40 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-test: setup
+test: setup imports
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup imports
 	$(PY) -m pytest -q -m "not slow"
 
+# The layer contracts of setup.cfg: a lower package importing a higher one, or an import circle, fails here.
+imports: setup
+	$(VENV)/bin/lint-imports --no-cache
+
 extract: setup
-	$(PY) -m flowprep extract --pipeline $(PIPELINE) $(ARGS)
+	$(PY) -m twostream.flowprep_cli extract --pipeline $(PIPELINE) $(ARGS)
 
 train-spatial: setup
-	$(PY) -m trainer train --stream spatial --pipeline $(PIPELINE) $(ARGS)
+	$(PY) -m twostream train --stream spatial --pipeline $(PIPELINE) $(ARGS)
 
 train-temporal: setup
-	$(PY) -m trainer train --stream temporal --pipeline $(PIPELINE) $(ARGS)
+	$(PY) -m twostream train --stream temporal --pipeline $(PIPELINE) $(ARGS)
 
 fuse-eval: setup
-	$(PY) -m trainer fuse-eval --pipeline $(PIPELINE) $(ARGS)
+	$(PY) -m twostream fuse-eval --pipeline $(PIPELINE) $(ARGS)
 
 train-fusion: setup
-	$(PY) -m trainer train-fusion --pipeline $(PIPELINE) --fusion $(FUSION) $(if $(JOINT),--joint) $(ARGS)
+	$(PY) -m twostream train-fusion --pipeline $(PIPELINE) --fusion $(FUSION) $(if $(JOINT),--joint) $(ARGS)
 
 ablate: setup
-	$(PY) -m trainer ablate --pipeline $(PIPELINE) $(ARGS)
+	$(PY) -m twostream ablate --pipeline $(PIPELINE) $(ARGS)
 
 predict: setup
 	@test -n "$(VIDEOS)" || { echo 'give the videos: make predict VIDEOS="a.avi b.mp4"'; exit 2; }
-	$(PY) -m trainer predict $(VIDEOS) --pipeline $(PIPELINE) $(ARGS)
+	$(PY) -m twostream predict $(VIDEOS) --pipeline $(PIPELINE) $(ARGS)
 
 synth: setup
-	$(PY) -m flowprep synth --pipeline $(PIPELINE)
+	$(PY) -m twostream.flowprep_cli synth --pipeline $(PIPELINE)
 
 demo-data: PIPELINE = pipelines/demo.toml
 demo-data: synth

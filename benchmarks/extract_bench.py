@@ -20,7 +20,8 @@ from pathlib import Path
 
 import cv2
 
-from flowprep.extract import ExtractOptions, run_extract
+from flowprep.extract_job import run_extract
+from flowprep.extract_options import ExtractOptions
 from flowprep.flow import make_flow, set_single_thread
 
 

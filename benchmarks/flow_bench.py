@@ -45,8 +45,10 @@ import joblib
 import numpy as np
 import torch
 
-from flowprep.flow import ALGORITHMS, PRESETS, make_flow, opencv_tvl1
-from flowprep.tvl1_torch import ContinuousTVL1, TVL1Stats, tvl1
+from flowprep.flow import ALGORITHMS, make_flow, opencv_tvl1
+from flowprep.presets import TVL1_PRESETS as PRESETS
+from flowprep.tvl1_continuous import ContinuousTVL1
+from flowprep.tvl1_torch import TVL1Stats, tvl1
 from flowprep.video import read_frames
 
 SIZE = (340, 256)  # (width, height), the usual two-stream flow resolution
@@ -322,7 +324,7 @@ def section_algorithms(n: int) -> None:
     m = 16  # borders have no texture coming in from outside the frame
     rows = []
     for algo in ALGORITHMS.values():
-        for preset in algo.presets:
+        for preset in algo.preset_names:
             flow = make_flow(algo.name, preset)
             flow(*pairs[0])  # first call builds the solver
             t = time.perf_counter()

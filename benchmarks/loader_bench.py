@@ -43,7 +43,9 @@ import numpy as np
 import torch
 
 from flowprep.quant import quantize
-from flowprep.store import Store, decode_jpeg, open_writer, write_store_info
+from flowprep.store import Store, open_writer
+from flowprep.store_base import decode_jpeg
+from flowprep.store_files import write_store_info
 from flowprep.video import read_frames
 from trainer import transforms as T
 from trainer.data import ClipDataset

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from flowprep.quant import quantize
-from flowprep.store import open_writer, write_store_info
+from flowprep.store import open_writer
+from flowprep.store_files import write_store_info
 from trainer.data import ClipDataset, DevicePrefetcher, EpochSampler, make_loader
 from trainer.models import build_model
 from trainer.streams import DEFAULT_STREAMS, INPUTS
-from trainer.train import forward
+from trainer.forward import forward
 from trainer.utils import pick_device
 
 

@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from flowprep.flow import GPU_BATCH, check_device, flow_params
+from flowprep.flow import GPU_BATCH, FlowSpec, check_device
 
 # Calls served at once per actor: each running task has at most one call in flight, and past a
 # few hundred queued pairs (the solver holds 4 * GPU_BATCH on the device) more callers only wait.
@@ -32,22 +32,23 @@ MAX_CALLS = 64
 class FlowService:
     """The torch TV-L1 of one device, shared by concurrent callers: `flow(prevs, nexts)` -> HxWx2 flows.
 
-    device: 'cuda', 'cuda:N', or 'torch-cpu' (the same code on the CPU, for tests without a GPU).
+    spec.device: 'cuda', 'cuda:N', or 'torch-cpu' (the same code on the CPU, for tests without a GPU).
     """
 
-    def __init__(self, algo: str, preset: str, device: str, batch_size: int = GPU_BATCH):
+    def __init__(self, spec: FlowSpec, batch_size: int = GPU_BATCH):
         import torch
 
-        from flowprep.tvl1_torch import ContinuousTVL1
+        from flowprep.tvl1_continuous import ContinuousTVL1
 
-        check_device(algo, device)
+        device = spec.device
+        check_device(spec.algo, device)
         if device == "cpu":
             raise ValueError("FlowService runs the torch TV-L1: use device 'cuda' or 'torch-cpu' "
                              "(with --device cpu each task runs OpenCV itself and needs no service)")
         if device == "torch-cpu":
             device = "cpu"
             torch.set_num_threads(1)  # as the per-process torch-cpu path: results do not depend on it
-        self._solver = ContinuousTVL1(batch_size, device, **flow_params(algo, preset))
+        self._solver = ContinuousTVL1(batch_size, device, **spec.params)
         self._wake = threading.Event()
         threading.Thread(target=self._drive, name="tvl1-solver", daemon=True).start()
 
@@ -82,9 +83,9 @@ def service_flow_batch(service):
     return run, GPU_BATCH
 
 
-def start_services(ray, opts) -> list:
+def start_services(ray, spec: FlowSpec) -> list:
     """One FlowService per GPU of the cluster ('torch-cpu': one on a CPU, for tests without a GPU)."""
-    if opts.device == "torch-cpu":
+    if spec.device == "torch-cpu":
         count, gpus = 1, 0
     else:
         count, gpus = int(ray.cluster_resources().get("GPU", 0)), 1
@@ -96,4 +97,4 @@ def start_services(ray, opts) -> list:
     # max_concurrency: the calls of concurrent tasks meet in one solver (see the module docstring).
     calls = max(2, min(MAX_CALLS, int(ray.cluster_resources().get("CPU", 1))))
     cls = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=3, max_task_retries=3, max_concurrency=calls)(FlowService)
-    return [cls.remote(opts.algo, opts.preset, opts.device) for _ in range(count)]
+    return [cls.remote(spec) for _ in range(count)]

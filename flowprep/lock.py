@@ -29,9 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
-from twostream.atomic import temp_name
-
-LOCK = ".flowprep.lock"
+from core.atomic import temp_name
+from core.layout import LOCK
 
 
 class StoreLocked(RuntimeError):

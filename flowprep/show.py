@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 
 from flowprep.quant import dequantize
-from flowprep.store import Store, write_atomic
+from core.atomic import write_atomic
+from flowprep.store import Store
 
 
 def flow_to_color(flow: np.ndarray, max_magnitude: float | None = None) -> np.ndarray:

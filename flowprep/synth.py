@@ -31,8 +31,8 @@ import click
 import cv2
 import numpy as np
 
-from twostream.atomic import atomic_path, write_atomic
-from twostream.schema import ConfigError, Key, Section, given, integer, names, size
+from core.atomic import atomic_path, write_atomic
+from core.schema import Key, Section, integer, names, size
 
 # RGB colours of equal luminance (~79.9 grey levels) so the grey image does not show the colour.
 COLOURS = {"Red": (197, 30, 30), "Green": (30, 115, 30), "Blue": (60, 60, 235)}
@@ -255,37 +255,3 @@ SYNTH = Section("synth", {
     "clips_per_group": Key(4, "Clips per group (clips of a group share their scene, as in UCF-101).", integer,
                            min=1),
 }, doc="flowprep synth: the synthetic demo set.")
-
-
-@click.command("synth")
-@click.option("--pipeline", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Take --out from data.videos and defaults from the [synth] section of this pipeline TOML.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Videos root to create.")
-@SYNTH.options()
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out that holds something else.")
-def synth_command(pipeline: Path | None, out: Path | None, overwrite: bool, **options) -> None:
-    """Write a small synthetic colour x motion action set in UCF-101 layout (for demos and tests).
-
-    Re-running with the same settings leaves an existing set alone.
-    """
-    from twostream.pipeline import load_pipeline
-
-    try:
-        cfg = load_pipeline(pipeline) if pipeline else {"synth": {}, "data": {"videos": ""}}
-        settings = SYNTH.validate({**cfg["synth"], **given(options)})
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
-    out = out or (Path(cfg["data"]["videos"]) if cfg["data"]["videos"] else None)
-    if out is None:
-        raise click.UsageError("give --out DIR (or --pipeline FILE with data.videos)")
-    kwargs = dict(settings, colours=tuple(settings["colours"]), motions=tuple(settings["motions"]))
-    existing = existing_set(out)
-    if existing is not None and not overwrite and existing.get("settings") == synth_settings(**kwargs):
-        click.echo(f"{out} already holds this synthetic set ({existing['videos']} videos); leaving it as it is")
-        return
-    try:
-        summary = synth_dataset(out, overwrite=overwrite, progress=True, **kwargs)
-    except SynthError as e:
-        raise click.UsageError(str(e)) from e
-    click.echo(f"wrote {summary['videos']} videos ({summary['train_videos']} train, {summary['test_videos']} test) "
-               f"of {len(summary['classes'])} classes to {out}")

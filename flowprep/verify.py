@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowprep.lock import StoreLock
-from flowprep.store import (DONE, FLOW_KINDS, H5_NAMES, KINDS, LIST_FILE, Store, StoreError, decode_jpeg, frame_name,
-                            read_expected, read_manifest, write_findings)
+from core.layout import DONE, FLOW_KINDS, KINDS, LIST_FILE
+from flowprep.store import Store
+from flowprep.store_base import StoreError, decode_jpeg
+from flowprep.store_files import read_expected, read_manifest, write_findings
 
 
 @dataclass
@@ -90,9 +92,7 @@ def verify_video(store: Store, video_id: str) -> tuple[str | None, int, int, boo
                     return (f"checksums recorded for {len(crc.get(kind, ()))} {kind} frames but {v.count(kind)} "
                             "stored"), 0, 0, True
 
-            def name(kind: str, i: int) -> str:
-                return frame_name(kind, i) if store.format == "jpeg" else f"{H5_NAMES[kind]}[{i}]"
-
+            name = v.frame_label
             for i in range(v.count("img")):
                 problem = _check_frame(v, "img", i, (h, w, 3), crc, name)
                 if problem:

@@ -36,7 +36,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from flowprep.store import id_problem
+from core.ids import id_problem
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".flv", ".wmv", ".m4v")
 # A container that declares N frames but decodes fewer than this share of them is reported as

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from trainer.cli import main as trainer_cli
+from twostream.trainer_cli import main as trainer_cli
 from trainer.config import stream_settings
-from trainer.splits import read_split
+from core.splits import read_split
 from twostream.pipeline import SECTIONS, load_pipeline, validate
-from twostream.schema import ConfigError
+from core.schema import ConfigError
 
 
 @pytest.mark.parametrize("section", [*SECTIONS, "streams.temporal", "streams.extra", "datasets.hmdb", "joint"])

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowprep.extract import ExtractOptions, run_extract
+from flowprep.extract_options import ExtractOptions
+from flowprep.extract_job import run_extract
 from flowprep.synth import synth_dataset
 from trainer.export import export_stream
 from trainer.fuse_eval import fuse_eval

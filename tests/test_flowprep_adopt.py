@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flowprep.adopt import AdoptError, jpeg_size, run_adopt
-from flowprep.cli import main as cli
-from flowprep.extract import ExtractError, ExtractOptions, run_extract
-from flowprep.store import Store, read_manifest
+from flowprep.job import JobError as AdoptError
+from flowprep.adopt_scan import jpeg_size
+from flowprep.adopt import run_adopt
+from twostream.flowprep_cli import main as cli
+from flowprep.job import JobError as ExtractError
+from flowprep.extract_options import ExtractOptions
+from flowprep.extract_job import run_extract
+from flowprep.store import Store
+from flowprep.store_files import read_manifest
 from flowprep.verify import verify_store
 from trainer_toy import toy_config, toy_video
 from videos import write_moving_video

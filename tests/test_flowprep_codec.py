@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flowprep.cli import main
-from flowprep.extract import ExtractOptions, run_extract
-from flowprep.store import Store, open_writer, write_store_info
+from twostream.flowprep_cli import main
+from flowprep.extract_options import ExtractOptions
+from flowprep.extract_job import run_extract
+from flowprep.store import Store, open_writer
+from flowprep.store_files import write_store_info
 from flowprep.verify import verify_store
 from videos import textured_frame, write_moving_video
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flowprep.store import MANIFEST, Store
+from core.layout import MANIFEST
+from flowprep.store import Store
 from videos import FAST, assert_same_store, write_moving_video
 from videos import run_flowprep as run
 

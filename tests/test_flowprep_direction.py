@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flowprep.cli import main
-from flowprep.extract import TEST_EXIT_ENV, ExtractError, ExtractOptions, extract_video, run_extract
+from twostream.flowprep_cli import main
+from flowprep.faults import EXIT_ENV as TEST_EXIT_ENV
+from flowprep.job import JobError as ExtractError
+from flowprep.extract_options import ExtractOptions
+from flowprep.extract import extract_video
+from flowprep.extract_job import run_extract
 from flowprep.quant import dequantize
-from flowprep.store import MANIFEST, STORE_INFO, Store, write_store_info
+from core.layout import MANIFEST, STORE_INFO
+from flowprep.store import Store
+from flowprep.store_files import write_store_info
 from flowprep.verify import verify_store
 from videos import write_moving_video
 

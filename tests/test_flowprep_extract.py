@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from flowprep.extract import TEST_EXIT_ENV, ExtractError, ExtractOptions, extract_video, run_extract
-from flowprep.store import Store, read_manifest
+from flowprep.faults import EXIT_ENV as TEST_EXIT_ENV
+from flowprep.job import JobError as ExtractError
+from flowprep.extract_options import ExtractOptions
+from flowprep.extract import extract_video
+from flowprep.extract_job import run_extract
+from flowprep.store import Store
+from flowprep.store_files import read_manifest
 from flowprep.verify import verify_store
 from videos import assert_same_store, write_bad_videos, write_moving_video
 

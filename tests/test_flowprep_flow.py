@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from flowprep.flow import PRESETS, flow_params, make_flow, make_flow_batch
+from flowprep.presets import TVL1_PRESETS as PRESETS
+from flowprep.flow import flow_params, flow_spec, make_flow, make_flow_batch
 from videos import smooth_field, textured_frame, warp_by_flow
 
 H, W = 96, 128
@@ -39,7 +40,7 @@ def test_tvl1_is_deterministic(pair):
 
 def test_batch_hook_matches_single_pair_flow(pair):
     prev, nxt, _ = pair
-    batch, size = make_flow_batch("tvl1", "fast", "cpu")
+    batch, size = make_flow_batch(flow_spec("tvl1", "fast", "cpu"))
     assert size >= 1
     flows = batch([prev, nxt], [nxt, prev])
     assert len(flows) == 2

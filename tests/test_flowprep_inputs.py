@@ -12,9 +12,13 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
-from flowprep.cli import main
-from flowprep.extract import ExtractError, ExtractOptions, extract_video, run_extract
-from flowprep.store import Store, read_manifest, write_store_info
+from twostream.flowprep_cli import main
+from flowprep.job import JobError as ExtractError
+from flowprep.extract_options import ExtractOptions
+from flowprep.extract import extract_video
+from flowprep.extract_job import run_extract
+from flowprep.store import Store
+from flowprep.store_files import read_manifest, write_store_info
 from flowprep.video import find_videos
 from videos import write_cut_video, write_moving_video
 

@@ -11,9 +11,13 @@ from collections import namedtuple
 
 import pytest
 
-import flowprep.extract
-from flowprep.extract import TEST_EXIT_ENV, ExtractOptions, failed_record, run_extract
-from flowprep.store import read_manifest
+import flowprep.job
+from flowprep.distribute import DISTRIBUTORS
+from flowprep.faults import EXIT_ENV as TEST_EXIT_ENV
+from flowprep.extract_options import ExtractOptions
+from flowprep.job import record
+from flowprep.extract_job import run_extract
+from flowprep.store_files import read_manifest
 from videos import FAST, assert_same_store, write_moving_video
 from videos import run_flowprep as cli
 
@@ -88,7 +92,7 @@ def test_full_disk_at_start_is_a_sentence(videos, tmp_path, monkeypatch):
 def test_write_failing_with_enospc_at_start_is_a_sentence(videos, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "store" / "store.json"))
-    monkeypatch.setattr(flowprep.extract, "write_store_info", full)
+    monkeypatch.setattr(flowprep.job, "write_store_info", full)
     r = cli("extract", "--videos", videos, "--out", tmp_path / "store", *FAST)
     assert r.exit_code == 2, r.output
     assert "No space left on device" in r.output and "free some space" in r.output, r.output
@@ -98,11 +102,11 @@ def test_disk_filling_up_mid_job_stops_the_job(videos, tmp_path, monkeypatch):
     """A video failing with ENOSPC stops the job: every further video would fail the same way."""
     started = []
 
-    def fake_backend(todo, out, opts, workers, markers, upgrades=frozenset()):
-        for vid, src in todo:
+    def fake_backend(fn, tasks, workers, cluster):
+        for vid, (work, args, faults) in tasks:
             started.append(vid)
-            yield failed_record(vid, src, "OSError: [Errno 28] No space left on device", errno="ENOSPC")
-    monkeypatch.setattr(flowprep.extract, "_run_joblib", fake_backend)
+            yield vid, record(vid, args[0], error="OSError: [Errno 28] No space left on device", errno="ENOSPC")
+    monkeypatch.setitem(DISTRIBUTORS, "joblib", fake_backend)
     summary = run_extract(videos, tmp_path / "store", OPTS, workers=1, backend="joblib", progress=False)
     assert started == ["jump/v1"] and summary.exit_code == 1
     text = summary.format()

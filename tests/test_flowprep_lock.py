@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flowprep.extract import ExtractError, ExtractOptions, run_extract
+from flowprep.job import JobError as ExtractError
+from flowprep.extract_options import ExtractOptions
+from flowprep.extract_job import run_extract
 from flowprep.verify import verify_store
 from videos import write_moving_video
 

@@ -4,8 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from flowprep.store import (STORE_INFO, Store, StoreError, append_manifest, clean_temps, open_writer, read_manifest,
-                            write_list_file, write_store_info)
+from core.layout import STORE_INFO
+from flowprep.store import Store, open_writer
+from flowprep.store_base import StoreError
+from flowprep.store_files import append_manifest, read_manifest, write_store_info
+from core.atomic import remove_temps as clean_temps
+from flowprep.lists import write_list_file
 from videos import textured_frame
 
 H, W = 24, 32

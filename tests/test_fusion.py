@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from trainer.fuse_eval import fuse_eval, fuse_eval_command, scores_path
-from trainer.fusion import (FusionError, average, choose_weights, svm_features, svm_fit, svm_fuse, svm_predict,
-                            weighted)
+from trainer.fuse_eval import fuse_eval, scores_path
+from twostream.trainer_cli import fuse_eval_command
+from trainer.fusion import FusionError, average, choose_weights, svm_features, svm_fuse, weighted
+from trainer.svm import svm_fit, svm_predict
 from trainer.scores import Scores, save_scores
+from twostream.pipeline import validate
 
 # colour x motion classes: the spatial stream knows the colour, the temporal stream the motion.
 CLASSES = ["GreenDown", "GreenUp", "RedDown", "RedUp"]
@@ -46,8 +48,8 @@ def acc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def write_run(tmp_path, parts: dict[str, tuple[Scores, Scores]], **fusion) -> dict:
-    cfg = {"out": str(tmp_path / "run"), "fusion": {"methods": ["average", "weighted", "svm"], "weights": [],
-                                                   "svm_c": 1.0, **fusion}}
+    cfg = validate({"out": str(tmp_path / "run"), "fusion": {"methods": ["average", "weighted", "svm"], "weights": [],
+                                                             "svm_c": 1.0, **fusion}})
     for part, (sp, te) in parts.items():
         save_scores(scores_path(cfg, "spatial", part), sp)
         save_scores(scores_path(cfg, "temporal", part), te)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from trainer.fuse_eval import fuse_eval, scores_path
-from trainer.fusion import METHODS, FusionError, fuse, load_fitted, train_head, weight_grid, weighted
-from trainer.network import FUSIONS, TwoStreamNetwork, WeightedFusion, fusion_module
+from trainer.fusion import FusionError, METHODS, fuse, load_fitted, train_head, weight_grid, weighted
+from trainer.heads import FUSIONS, WeightedFusion, fusion_module
+from trainer.network import TwoStreamNetwork
 from trainer.scores import Scores, load_scores, save_scores
-from trainer.splits import SplitError, read_split, split_identity
+from core.splits import SplitError, read_split, split_identity
 from twostream.pipeline import validate
 
 C = 4

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flowprep.synth import SynthError, synth_command, synth_dataset
+from flowprep.synth import SynthError, synth_dataset
+from twostream.flowprep_cli import synth_command
 
 FRAMES, W, H = 16, 96, 72
 

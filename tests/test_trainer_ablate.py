@@ -34,7 +34,7 @@ def test_grid_has_the_papers_cells_and_says_why_some_cannot_run(toy):
 
 def test_cells_train_once_and_the_table_is_written(toy, monkeypatch):
     root, cfg = toy
-    cfg = {**cfg, "ablate": {"epochs": 1}}
+    cfg = validate({**cfg, "ablate": {"epochs": 1}})
     first = ablate(cfg, ["flow_L1", "rgb_stack", "flow_bidir_L10"])
     table = (root / "run" / "ablate" / "table.md").read_text()
     assert "| flow_L1 | flow | 1 | on |" in table and "| rgb_stack | rgb_stack |" in table

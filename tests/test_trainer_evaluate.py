@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from twostream.schema import ConfigError
+from core.schema import ConfigError
 from trainer.data import ProtocolDataset
 from trainer.evaluate import score_stream
 from trainer.scores import load_scores
 from trainer.streams import INPUTS
 from trainer.train import main
 from trainer_toy import make_toy, toy_config
+from twostream.pipeline import validate
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("crops", ["center", "ten"])
 def test_score_stream_writes_averaged_softmax_per_video(trained, crops):
     root, _, _, cfg = trained
-    cfg = {**cfg, "eval": {"segments": 25, "crops": crops, "batch_size": 16}}
+    cfg = validate({**cfg, "eval": {"segments": 25, "crops": crops, "batch_size": 16}})
     s = score_stream(cfg, "temporal", "test", show=False)
     assert len(s.video_ids) == 6 and s.class_names == ["down", "up"] and s.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert np.allclose(s.scores.sum(1), 1, atol=1e-5) and (s.scores >= 0).all()
@@ -66,7 +67,8 @@ class Probe(torch.nn.Module):
 @pytest.mark.parametrize("mean_subtraction", [True, False])
 def test_protocol_average_equals_a_hand_computation(tmp_path, mean_subtraction):
     """25 evenly spaced stacks x 10 crops, softmax averaged: recomputed here without the loader."""
-    from flowprep.store import Store, open_writer, write_store_info
+    from flowprep.store import Store, open_writer
+    from flowprep.store_files import write_store_info
     from trainer.evaluate import predict
     from trainer.data import make_loader
 

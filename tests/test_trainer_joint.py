@@ -8,10 +8,10 @@ import torch
 from trainer.evaluate import score_stream
 from trainer.fuse_eval import fuse_eval
 from trainer.train import main as train
-from trainer.train_fusion import score_joint, train_joint
-from trainer_toy import make_toy, toy_config
+from trainer.joint import score_joint, train_joint
+from trainer_toy import make_toy, toy_config, toy_raw
 from twostream.pipeline import validate
-from twostream.schema import ConfigError
+from core.schema import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_joint_training_lowers_the_fused_loss_and_is_reported(trained):
     root, cfg = trained
-    cfg = {**cfg, "fusion": {"methods": ["average", "attention"]}, "joint": {"epochs": 3, "lr": 3e-4}}
+    cfg = validate({**cfg, "fusion": {"methods": ["average", "attention"]}, "joint": {"epochs": 3, "lr": 3e-4}})
     fuse_eval(cfg)  # fits the heads the joint run starts from
     summary = train_joint(cfg, "attention")
     losses = [r["train_loss"] for r in summary["log"]]
@@ -47,12 +47,13 @@ def test_multitask_heads_each_learn_their_own_dataset(tmp_path):
                                  classes=("down", "up"), square=20)
     b_store, b_splits = make_toy(tmp_path / "b", "hdf5", train_per_class=16, test_per_class=10, frames=6,
                                  classes=("fall", "rise"), seed=1, square=20)
-    cfg = toy_config(tmp_path, a_store, a_splits, epochs=6, lr=0.01)  # 4 left BatchNorm's val statistics behind
+    cfg = toy_raw(tmp_path, a_store, a_splits, epochs=6, lr=0.01)  # 4 left BatchNorm's val statistics behind
     cfg["datasets"] = {"a": {"store": str(a_store), "split_format": "list", "splits": str(a_splits),
                              "val_fraction": 0.2},
                        "b": {"store": str(b_store), "split_format": "list", "splits": str(b_splits),
                              "val_fraction": 0.2}}
     cfg["temporal"]["datasets"] = ["a", "b"]
+    raw, cfg = cfg, validate(cfg)  # the pipeline with [datasets.*] sections is valid
     train(cfg, "temporal")
     ck = torch.load(tmp_path / "run" / "temporal" / "best.pt", weights_only=True)
     assert ck["class_names"] == ["a/down", "a/up", "b/fall", "b/rise"]
@@ -67,5 +68,4 @@ def test_multitask_heads_each_learn_their_own_dataset(tmp_path):
     with pytest.raises(ConfigError, match="say which"):
         score_stream(cfg, "temporal", "test", show=False)
     with pytest.raises(ConfigError, match=r"\[datasets.c\]"):
-        train({**cfg, "temporal": {**cfg["temporal"], "datasets": ["a", "c"]}}, "temporal")
-    validate(cfg)  # the pipeline with [datasets.*] sections is valid
+        train(validate({**raw, "temporal": {**raw["temporal"], "datasets": ["a", "c"]}}), "temporal")

@@ -3,8 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowprep.store import Store, StoreError, open_writer, write_store_info
-from trainer.splits import Part, SplitError, check_videos, read_split
+from flowprep.store import Store, open_writer
+from flowprep.store_base import StoreError
+from flowprep.store_files import write_store_info
+from core.splits import Part, SplitError, read_split
+from trainer.tasks import check_videos
 
 
 def write(path: Path, text: str) -> None:

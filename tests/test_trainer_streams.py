@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from flowprep.quant import dequantize, quantize
-from flowprep.store import Store, open_writer, write_store_info
+from flowprep.store import Store, open_writer
+from flowprep.store_files import write_store_info
 from trainer import transforms as T
 from trainer.streams import INPUTS, trajectory_stack
 from trainer.train import main as train
 from trainer.evaluate import score_stream
 from trainer_toy import make_toy, toy_config
+from twostream.pipeline import validate
 
 H, W, N = 24, 32, 9  # frames per video: 8 flows
 
@@ -169,7 +171,7 @@ def test_each_motion_input_learns_the_direction(motion_with_backward, capsys):
     acc = {}
     for name in ("flow", "flow_bidir", "trajectory", "rgb_stack"):
         cfg = toy_config(root / name, store, splits, epochs=6, lr=0.003)
-        cfg["streams"] = {"motion": {"input": name, "flow_length": 4}}
+        cfg = validate({**cfg, "streams": {"motion": {"input": name, "flow_length": 4}}})
         train(cfg, "motion")
         s = score_stream(cfg, "motion", "test", show=False)
         acc[name] = float(np.mean(s.scores.argmax(1) == s.labels))

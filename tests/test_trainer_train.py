@@ -9,10 +9,12 @@ import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
-import trainer.train as train_mod
-from trainer.cli import main as cli
-from trainer.train import TrainingError, main
-from trainer_toy import ddp_worker, make_toy, toy_config, write_pipeline
+import trainer.fit as train_mod
+from twostream.trainer_cli import main as cli
+from trainer.fit import TrainingError
+from trainer.train import main
+from trainer_toy import ddp_worker, make_toy, toy_config, toy_raw, write_pipeline
+from twostream.pipeline import validate
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_two_gloo_processes_train_like_one(tinted, tmp_path):
 
 def test_cli_bad_inputs_fail_before_training_with_clear_messages(tinted, tmp_path):
     _, store, splits = tinted
-    pipeline = write_pipeline(tmp_path / "p.toml", toy_config(tmp_path, store, splits, epochs=1))
+    pipeline = write_pipeline(tmp_path / "p.toml", toy_raw(tmp_path, store, splits, epochs=1))
     runner = CliRunner()
 
     def run(*args):
@@ -152,7 +154,7 @@ def test_cli_bad_inputs_fail_before_training_with_clear_messages(tinted, tmp_pat
 
 def test_cli_train_then_evaluate_with_option_overrides(tinted, tmp_path):
     _, store, splits = tinted
-    cfg = toy_config(tmp_path, store, splits, epochs=5, lr=0.5)
+    cfg = toy_raw(tmp_path, store, splits, epochs=5, lr=0.5)
     cfg["temporal"]["lr"] = 0.5  # the stream section would win over [train]; the options must win over both
     pipeline = write_pipeline(tmp_path / "p.toml", cfg)
     runner = CliRunner()
@@ -178,7 +180,7 @@ def test_kill_between_last_and_best_is_repaired_and_temps_cleaned(tinted, tmp_pa
     order = []
     real = C.save_atomic
     monkeypatch.setattr(C, "save_atomic", lambda path, save: (order.append(path.name), real(path, save))[1])
-    cfg1 = {**cfg, "train": {**cfg["train"], "epochs": 1}}
+    cfg1 = validate({**cfg, "train": {**cfg["train"], "epochs": 1}})
     main(cfg1, "spatial")
     monkeypatch.undo()
     assert order == ["last.pt", "best.pt"]  # the commit point first
@@ -205,19 +207,19 @@ def test_resume_from_a_truncated_checkpoint_says_so(tinted, tmp_path):
     run = tmp_path / "run" / "spatial"
     run.mkdir(parents=True)
     (run / "last.pt").write_bytes(b"PK\x03\x04 cut short")
-    from twostream.schema import ConfigError
+    from core.schema import ConfigError
 
     with pytest.raises(ConfigError, match="truncated or not one of this trainer's checkpoints.*--resume"):
         main(cfg, "spatial")
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="afile is a file; choose another --out"):
-        main({**toy_config(tmp_path, store, splits, epochs=1), "out": str(blocker / "runs")}, "spatial")
+        main(validate({**toy_config(tmp_path, store, splits, epochs=1), "out": str(blocker / "runs")}), "spatial")
 
 
 def test_crop_larger_than_the_frames_is_refused(tinted, tmp_path):
     _, store, splits = tinted
-    from twostream.schema import ConfigError
+    from core.schema import ConfigError
 
     with pytest.raises(ConfigError, match="crop_size 64 is larger than the stored frames \\(48x40\\)"):
         main(toy_config(tmp_path, store, splits, epochs=1, crop_size=64), "spatial")
@@ -225,7 +227,7 @@ def test_crop_larger_than_the_frames_is_refused(tinted, tmp_path):
 
 def test_status_lines_go_to_a_log_file_when_not_on_a_terminal(tinted, tmp_path, monkeypatch):
     _, store, splits = tinted
-    pipeline = write_pipeline(tmp_path / "p.toml", toy_config(tmp_path, store, splits, epochs=1))
+    pipeline = write_pipeline(tmp_path / "p.toml", toy_raw(tmp_path, store, splits, epochs=1))
     monkeypatch.setenv("TWOSTREAM_PROGRESS_SECONDS", "0")
     r = CliRunner().invoke(cli, ["train", "--stream", "spatial", "--pipeline", str(pipeline)])
     assert r.exit_code == 0, r.output

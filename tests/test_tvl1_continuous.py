@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from flowprep.flow import PRESETS
-from flowprep.tvl1_torch import ContinuousTVL1, TVL1Stats, tvl1, tvl1_stream
+from flowprep.flow import flow_spec
+from flowprep.presets import TVL1_PRESETS as PRESETS
+from flowprep.tvl1_continuous import ContinuousTVL1, tvl1_stream
+from flowprep.tvl1_torch import TVL1Stats, tvl1
 from test_tvl1_torch import _bikes_gray
 
 # Accurate, on a 2-level pyramid with 2 warps so tests stay fast: at 64x48 bikes 100-101 runs into the
@@ -95,7 +97,7 @@ def test_flow_service_merges_concurrent_callers():
     them) share one solver, and each gets exactly its own pairs' flows, as HxWx2 float32."""
     from flowprep.flow_service import FlowService
 
-    service = FlowService("tvl1", "fast", "torch-cpu")
+    service = FlowService(flow_spec("tvl1", "fast", "torch-cpu"))
     videos = [_pairs((64, 48), [(0, 1), (1, 2), (2, 3)]), _pairs((64, 48), [SLOW, (99, 100)]),
               _pairs((80, 60), [(50, 51), (120, 121)])]
     results: dict[int, list] = {}
@@ -122,7 +124,7 @@ def test_solver_failure_reaches_the_callers():
     """A device error in the solver thread (say, out of memory) must fail the waiting calls, not hang them."""
     from flowprep.flow_service import FlowService
 
-    service = FlowService("tvl1", "fast", "torch-cpu")
+    service = FlowService(flow_spec("tvl1", "fast", "torch-cpu"))
 
     def broken_step() -> bool:
         raise RuntimeError("CUDA out of memory (simulated)")

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from flowprep.flow import PRESETS, make_flow, opencv_tvl1
+from flowprep.presets import TVL1_PRESETS as PRESETS
+from flowprep.flow import make_flow, opencv_tvl1
 from flowprep.tvl1_torch import (
     _centered_gradient,
     _median_filter,
-    _pyramid_sizes,
     _resize_linear,
     _warp,
     calc_flow_numpy,
+    pyramid_sizes,
     tvl1,
 )
 from videos import textured_frame
@@ -110,7 +111,7 @@ def test_pyramid_is_opencv_resize_linear_by_the_exact_scale(hw):
     img = (rng.random(hw) * 255).astype(np.float32)
     for step in (0.8, 0.5):
         ref = cv2.resize(img, None, fx=step, fy=step, interpolation=cv2.INTER_LINEAR)  # how TV-L1 builds levels
-        assert ref.shape == _pyramid_sizes(*hw, 2, step)[1]
+        assert ref.shape == pyramid_sizes(*hw, 2, step)[1]
         down = _resize_linear(_t(img)[None], ref.shape, (1 / step, 1 / step))[0].numpy()
         assert np.abs(down - ref).max() <= 1e-3  # measured 3e-5
         # flow goes back up to the finer size (cv::resize with dsize: scale = size ratio)
@@ -250,9 +251,11 @@ def test_bad_inputs_raise_value_error_naming_the_problem():
 def test_torch_flow_store_matches_opencv_store(tmp_path):
     """The extraction path with the torch TV-L1 (as --device cuda uses it) writes a store whose flow
     matches the OpenCV store's to within JPEG/quantization noise, so models move between them."""
-    from flowprep.extract import ExtractOptions, extract_video
+    from flowprep.extract import extract_video
+    from flowprep.extract_options import ExtractOptions
     from flowprep.quant import dequantize
-    from flowprep.store import Store, write_store_info
+    from flowprep.store import Store
+    from flowprep.store_files import write_store_info
     from videos import write_moving_video
 
     src = write_moving_video(tmp_path / "A" / "clip.avi", n=6, h=48, w=64)
@@ -260,8 +263,9 @@ def test_torch_flow_store_matches_opencv_store(tmp_path):
     for device in ("cpu", "torch-cpu"):
         opts = ExtractOptions(size=(64, 48), preset="fast", device=device)
         root = tmp_path / device
-        write_store_info(root, opts.store_info())
-        assert extract_video(src, root, "A/clip", opts)["status"] == "ok"
+        flow = opts.flow_spec()
+        write_store_info(root, opts.store_info(flow))
+        assert extract_video(src, root, "A/clip", opts, flow)["status"] == "ok"
         with Store(root).open("A/clip") as v:
             assert (v.num_frames, v.num_flows) == (6, 5)
             flows[device] = np.stack([dequantize(v.flow(i)) for i in range(v.num_flows)])

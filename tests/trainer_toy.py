@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from flowprep.quant import quantize
-from flowprep.store import open_writer, write_store_info
+from flowprep.store import open_writer
+from flowprep.store_files import write_store_info
+from twostream.pipeline import validate
 
 CLASSES = ("down", "up")
 
@@ -77,7 +79,13 @@ def make_toy(root: Path, fmt: str = "jpeg", train_per_class: int = 16, test_per_
 
 
 def toy_config(root: Path, store: Path, splits: Path, **train) -> dict:
-    """A pipeline dict for tiny CPU runs; `train` keys override [train]."""
+    """A validated pipeline for tiny CPU runs; `train` keys override [train]. A test that changes
+    it validates the changed dict again (`validate`), as a command line would."""
+    return validate(toy_raw(root, store, splits, **train))
+
+
+def toy_raw(root: Path, store: Path, splits: Path, **train) -> dict:
+    """What toy_config validates: the pipeline as a file would hold it."""
     return {
         "name": "toy", "out": str(root / "run"),
         "data": {"store": str(store), "split_format": "list", "splits": str(splits), "split": 1,

@@ -129,7 +129,7 @@ def run_flowprep(*args, env: dict | None = None):
     """`flowprep ARGS` in-process; an exception other than the exit itself is raised, not hidden."""
     from click.testing import CliRunner
 
-    from flowprep.cli import main
+    from twostream.flowprep_cli import main
 
     result = CliRunner().invoke(main, [str(a) for a in args], env=env)
     if result.exception and not isinstance(result.exception, SystemExit):
@@ -139,7 +139,7 @@ def run_flowprep(*args, env: dict | None = None):
 
 def store_files(root: Path) -> dict[str, Path]:
     """What must be identical between stores: everything but the manifest's history."""
-    from flowprep.store import MANIFEST
+    from core.layout import MANIFEST
 
     return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
 

@@ -20,10 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowprep.store import Store, read_store_info
+from core.atomic import write_atomic
+from core.schema import Pipeline, require_pipeline
+from flowprep.store import Store
+from flowprep.store_files import read_store_info
+from trainer.fit import plain
 from trainer.streams import get_input
-from twostream.atomic import write_atomic
-from twostream.pipeline import validate
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ def grid(cfg: dict) -> list[Cell]:
 
 def _algo_store(cfg: dict, algo: str) -> Path:
     """The same videos' flow with another algorithm, extracted once beside the pipeline's store."""
-    from flowprep.extract import STORE_KEYS, ExtractOptions, run_extract
+    from flowprep.extract_job import run_extract
+    from flowprep.extract_options import STORE_KEYS, ExtractOptions
 
     root = Path(cfg["data"]["store"])
     out = root.with_name(f"{root.name}-{algo}")
@@ -96,28 +99,28 @@ def run_cell(cfg: dict, cell: Cell, out: Path) -> dict:
     from trainer.config import stream_settings
     from trainer.evaluate import score_stream
     from trainer.report import metrics
-    from trainer.train import _plain
     from trainer.train import main as train
 
     settings = {k: v for k, v in stream_settings(cfg, cell.base).items() if k != "name"}
     settings.update(cell.settings)
     if cfg["ablate"]["epochs"]:
         settings["epochs"] = cfg["ablate"]["epochs"]
-    run = {**cfg, "out": str(out), "streams": {**cfg["streams"], cell.name: settings}}
+    # A pipeline derived from validated parts: the cell's stream settings come from stream_settings.
+    run = Pipeline({**cfg, "out": str(out), "streams": {**cfg["streams"], cell.name: settings}})
     if cell.algo:
         run["data"] = {**cfg["data"], "store": str(_algo_store(cfg, cell.algo))}
     t0 = time.perf_counter()
     train(run, cell.name)
     scores = score_stream(run, cell.name, "test", show=False)
     m = metrics(scores.scores, scores.labels, len(scores.class_names))
-    return {"cell": cell.name, "group": cell.group, "settings": _plain(settings), "algo": cell.algo,
+    return {"cell": cell.name, "group": cell.group, "settings": plain(settings), "algo": cell.algo,
             "top1": round(m["top1"], 6), "mean_class_acc": round(m["mean_class_acc"], 6),
             "videos": len(scores.labels), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def ablate(cfg: dict, only: list[str] | None = None) -> dict:
+def ablate(cfg: Pipeline, only: list[str] | None = None) -> dict:
     """Run (or resume) the grid; returns {"cells": [...], "paths": {...}}."""
-    cfg = validate(cfg)
+    cfg = require_pipeline(cfg, "ablate")
     out = Path(cfg["out"]) / "ablate"
     cells = grid(cfg)
     if only:

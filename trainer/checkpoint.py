@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from twostream.atomic import remove_temps, save_atomic, write_atomic
-from twostream.schema import ConfigError
+from core.atomic import remove_temps, save_atomic, write_atomic
+from core.schema import ConfigError
 
 LAST, BEST, LOG, CURVE = "last.pt", "best.pt", "log.jsonl", "curve.png"
 

@@ -1,6 +1,7 @@
-"""The trainer's pipeline sections: [data], [train] (and each [streams.NAME]), [eval], [fusion].
+"""The trainer's pipeline sections: [train] (and each [streams.NAME]), [eval], [fusion], [joint], [ablate]
+([data] is core/data.py's: flowprep reads it too).
 
-Each section is one schema (twostream.schema): keys, types, ranges, defaults and help, read by
+Each section is one schema (core.schema): keys, types, ranges, defaults and help, read by
 the pipeline loader (twostream.pipeline), the validation and the command-line options alike.
 This module imports neither torch nor the models, so `python -m trainer --help` stays fast.
 
@@ -10,33 +11,12 @@ pipelines' [spatial] / [temporal] sections are those two streams' sections.
 """
 from __future__ import annotations
 
-from twostream.schema import (ConfigError, Invalid, Key, Section, boolean, int_list, integer, names, number, number_list)
+from core.schema import ConfigError, Invalid, Key, Section, boolean, int_list, integer, names, number, number_list
 from flowprep.flow import ALGOS
 from trainer.streams import DEFAULT_STREAMS, INPUTS, check_length, get_input
 
-__all__ = ["ConfigError", "DATA", "DATASET", "TRAIN", "JOINT", "STREAM", "EVAL", "FUSION", "stream_settings",
-           "stream_names"]
-
-SPLIT_FORMATS = ("ucf101", "hmdb51", "list")
 # --stream rgb|flow, as MMAction2 users name the two streams.
 STREAM_ALIASES = {"rgb": "spatial", "flow": "temporal"}
-
-DATA = Section("data", {
-    "videos": Key("", "Folder of source videos (flowprep extract --videos).", flags=None),
-    "store": Key("", "The flowprep store to train from.", flags=("--store", "--data-path", "--data-root")),
-    "split_format": Key("ucf101", "ucf101: classInd.txt + trainlistNN/testlistNN; hmdb51: <class>_test_splitN.txt; "
-                        "list: train.txt / test.txt of '<path> <label>'.", choices=SPLIT_FORMATS, flags=None),
-    "splits": Key("", "Folder of the split files.", flags=None),
-    "split": Key(1, "Split number (UCF-101 and HMDB-51: 1-3).", integer, min=1),
-    "val_fraction": Key(0.1, "Share of the training split's groups held out to choose the best epoch and the "
-                        "fusion (never the test split).", number, min=0, max=0.9, flags=None),
-    "skip_missing": Key(False, "Leave out videos missing or incomplete in the store (with a warning) instead of "
-                        "stopping.", boolean),
-}, doc="Where the videos, the store and the split files are.")
-
-
-DATASET = Section("datasets.NAME", {k: v for k, v in DATA.keys.items() if k != "videos"},
-                  doc="One dataset of a multi-task stream: its store and split files, as in [data].")
 
 
 def _resume(v):

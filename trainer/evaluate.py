@@ -19,13 +19,13 @@ from trainer.config import resolve_stream, stream_settings
 from trainer.data import ProtocolDataset, make_loader
 from trainer.models import build_model, head
 from trainer.scores import Scores, save_scores, scores_file
-from trainer.splits import PARTS, check_same_split, check_videos, split_from_config, split_identity
+from core.splits import PARTS, check_same_split, split_from_config, split_identity
+from trainer.tasks import check_videos
 from trainer.streams import get_input
-from trainer.train import image_logits
+from trainer.forward import image_logits
 from trainer.utils import pick_device, setup_device
-from twostream.pipeline import validate
-from twostream.progress import Progress
-from twostream.schema import ConfigError
+from core.progress import Progress
+from core.schema import ConfigError, Pipeline, require_pipeline
 
 
 @torch.no_grad()
@@ -82,7 +82,7 @@ def provenance(cfg: dict, ck: dict, part: str, split_id: dict) -> dict:
             "split": split_id, "segments": ev["segments"], "crops": ev["crops"], "store": str(cfg["data"]["store"])}
 
 
-def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None = None, show: bool = True,
+def score_stream(cfg: Pipeline, stream: str, part: str = "test", device: str | None = None, show: bool = True,
                  dataset: str | None = None) -> Scores:
     """Score every video of `part` (test | train | val) with {out}/<stream>/best.pt; writes scores_<part>.npz.
 
@@ -94,7 +94,7 @@ def score_stream(cfg: dict, stream: str, part: str = "test", device: str | None 
     """
     if part not in PARTS:
         raise ConfigError(f"part must be one of {PARTS}, got {part!r}")
-    cfg = validate(cfg)
+    cfg = require_pipeline(cfg, "score_stream")
     name = resolve_stream(cfg, stream)
     args = stream_settings(cfg, name)
     out = Path(cfg["out"])

@@ -27,8 +27,8 @@ from trainer.evaluate import load_stream_model
 from trainer.models import first_conv_name
 from trainer.streams import get_input
 from trainer.transforms import eval_scale
-from twostream.atomic import save_atomic, write_atomic
-from twostream.pipeline import validate
+from core.atomic import save_atomic, write_atomic
+from core.schema import Pipeline, require_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ def preprocessing(ck: dict, cfg: dict) -> dict:
     }
 
 
-def export_stream(cfg: dict, stream: str, out_dir: str | Path, onnx: bool = True) -> dict[str, Path]:
+def export_stream(cfg: Pipeline, stream: str, out_dir: str | Path, onnx: bool = True) -> dict[str, Path]:
     """Write <stream>.torchscript.pt, <stream>.onnx (when possible) and <stream>.json into out_dir."""
-    cfg = validate(cfg)
+    cfg = require_pipeline(cfg, "export_stream")
     out_dir = Path(out_dir)
     ck = load_best(cfg["out"], stream)
     model = ExportedStream(load_stream_model(ck, torch.device("cpu")), ck.get("input", "rgb"),

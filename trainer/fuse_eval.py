@@ -19,17 +19,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import click
 import numpy as np
 
-from flowprep.store import StoreError
-from trainer.fusion import METHODS, FusionError, check_streams
+from core.atomic import write_atomic
+from core.schema import Pipeline, require_pipeline
+from core.splits import check_same_split
+from trainer.fusion import METHODS, FusionError, check_streams, describe, save_fitted
 from trainer.report import build_report, metrics, render_table, write_report
 from trainer.scores import Scores, load_scores, save_scores, scores_file
-from trainer.splits import SplitError, check_same_split
-from twostream.atomic import save_atomic, write_atomic
-from twostream.pipeline import load_pipeline, validate
-from twostream.schema import ConfigError
 
 
 def _dataset(cfg: dict, stream: str) -> str:
@@ -58,7 +55,7 @@ def _check_fresh(cfg: dict, scores: Scores, stream: str, part: str, path: Path) 
         return  # written by hand or by an older version: nothing recorded to compare
     data_cfg = _data_cfg(cfg)
     if data_cfg.get("data", {}).get("splits"):
-        from trainer.splits import split_from_config, split_identity
+        from core.splits import split_from_config, split_identity
 
         check_same_split(meta.get("split"), split_identity(split_from_config(data_cfg), data_cfg),
                          f"the scores in {path}")
@@ -102,28 +99,7 @@ def resolve_methods(cfg: dict, methods: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(chosen))  # keep order, drop repeats
 
 
-def _tensors(obj):
-    """Fitted parameters as torch tensors and primitives (torch.load(weights_only=True) reads them)."""
-    import torch
-
-    if isinstance(obj, dict):
-        return {k: _tensors(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, (list, tuple)):
-        return [_tensors(v) for v in obj]
-    return obj
-
-
-def _describe(obj):
-    if isinstance(obj, dict):
-        return {k: _describe(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return obj.round(6).tolist() if obj.size <= 64 else f"array {list(obj.shape)}"
-    return obj
-
-
-def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
+def fuse_eval(cfg: Pipeline, methods: Sequence[str] | None = None,
               streams_scores: dict[str, dict[str, Scores]] | None = None,
               evaluate: bool = True, reuse_scores: bool = False) -> dict:
     """Fuse the streams' scores with `methods` (default: fusion.methods) and write the report.
@@ -131,7 +107,7 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
     streams_scores: {stream: {part: Scores}} to use as given (tests, notebooks); parts not in
     it are read or evaluated as in `get_scores`. Returns {"report", "paths", "table", "params"}.
     """
-    cfg = validate(cfg)
+    cfg = require_pipeline(cfg, "fuse_eval")
     methods = resolve_methods(cfg, methods)
     if cfg["train"]["threads"]:  # the fusion heads train on the CPU: their numbers depend on it too
         import torch
@@ -190,7 +166,7 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
     candidates = [m for m in results if m not in streams]
     best = max(candidates, key=lambda m: (val_acc.get(m, -1), -candidates.index(m))) if val_acc else None
     # The report shows what each fit chose and on what; the fitted arrays themselves are in fusion.pt.
-    report_params = {m: _describe({k: v for k, v in p.items() if k not in ("state", "module")
+    report_params = {m: describe({k: v for k, v in p.items() if k not in ("state", "module")
                                    and (not isinstance(v, np.ndarray) or v.size <= 64)})
                      for m, p in params.items() if p}
     t0 = test[0]
@@ -204,11 +180,7 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
                                                   {"method": m, "streams": streams}))
     fitted = {"streams": streams, "class_names": list(t0.class_names), "best": best, "methods": methods,
               "params": params, "split": t0.meta.get("split")}
-    import torch
-
-    paths["fusion"] = save_atomic(out_dir / "fusion.pt", lambda p: torch.save(_tensors(fitted), p))
-    paths["fusion_json"] = write_atomic(out_dir / "fusion.json",
-                                        json.dumps(_describe(fitted), indent=1, sort_keys=True) + "\n")
+    paths.update(save_fitted(out_dir, fitted))
     # Apart from the report, which stays byte-identical for the same scores.
     paths["timings"] = write_atomic(out_dir / "timings.json", json.dumps(
         {"fit_and_apply_seconds": {m: round(t, 3) for m, t in seconds.items()}}, indent=1) + "\n")
@@ -218,8 +190,8 @@ def fuse_eval(cfg: dict, methods: Sequence[str] | None = None,
 def _joint_scores(cfg: dict, test: list[Scores], val: list[Scores] | None, evaluate: bool,
                   reuse_scores: bool) -> dict[str, tuple[Scores, Scores | None]]:
     """Scores of the jointly fine-tuned networks of this run (train-fusion --joint), if any."""
-    from trainer.network import FUSIONS
-    from trainer.train_fusion import joint_dir, score_joint
+    from trainer.heads import FUSIONS
+    from trainer.joint import joint_dir, score_joint
 
     found = {}
     for method in FUSIONS:
@@ -245,49 +217,3 @@ def _joint_scores(cfg: dict, test: list[Scores], val: list[Scores] | None, evalu
         if got[0] is not None:
             found[f"{method} (joint)"] = (got[0], got[1])
     return found
-
-
-def parse_weights(text: str) -> list[float]:
-    try:
-        w = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not comma-separated numbers like 1,1.5", param_hint="--weights")
-    if len(w) < 2 or min(w) < 0 or sum(w) == 0:
-        raise click.BadParameter(f"{text!r}: need one weight per stream (at least two), non-negative, not all 0",
-                                 param_hint="--weights")
-    return w
-
-
-@click.command("fuse-eval")
-@click.option("--pipeline", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Pipeline TOML file (pipelines/<name>.toml).")
-@click.option("--method", "methods", multiple=True, type=click.Choice(list(METHODS)),
-              help="Fusion method; repeat for several. Default: fusion.methods of the pipeline.")
-@click.option("--streams", default=None, help="Comma-separated streams to fuse (default: fusion.streams, "
-                                              "spatial,temporal).")
-@click.option("--weights", default=None, help="Weighted fusion's weights, one per stream, e.g. 1,1.5 "
-                                              "(default: fusion.weights, or chosen on the validation part).")
-@click.option("--reuse-scores", is_flag=True, help="Read existing scores_<part>.npz instead of re-evaluating.")
-@click.option("--dataset", default=None, metavar="NAME", help="With multi-task streams: fuse on this "
-              "[datasets.NAME] (fusion.dataset); the report goes to {out}/fusion_NAME/.")
-@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override a pipeline setting; repeatable.")
-def fuse_eval_command(pipeline: Path, methods: tuple[str, ...], streams: str | None, weights: str | None,
-                      reuse_scores: bool, dataset: str | None, overrides: tuple[str, ...]) -> None:
-    """Evaluate the streams with the test protocol, fuse their scores and write {out}/fusion/report.*."""
-    extra = [f"fusion.dataset={json.dumps(dataset)}"] if dataset else []
-    if streams is not None:
-        extra.append(f"fusion.streams={json.dumps([s.strip() for s in streams.split(',') if s.strip()])}")
-    if weights is not None:
-        extra.append(f"fusion.weights={json.dumps(parse_weights(weights))}")
-    try:
-        cfg = load_pipeline(pipeline, [*overrides, *extra])
-        result = fuse_eval(cfg, methods or None, reuse_scores=reuse_scores)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
-    except (FusionError, SplitError, StoreError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(result["table"])
-    for name in ("markdown", "json", "confusion", "fusion"):
-        if name in result["paths"]:
-            click.echo(f"wrote {result['paths'][name]}")

@@ -14,20 +14,24 @@ Scores are passed as one `Scores` per stream, in the order of fusion.streams.
 * `calibrated`: each stream's scores calibrated (a temperature per stream, a bias per class,
   fitted on the validation part), then averaged: averaging alone fails where a stream is
   confidently wrong between classes it cannot tell apart;
-* `learned`, `feature`, `attention`: small networks (trainer/network.py) on the concatenated
+* `learned`, `feature`, `attention`: small networks (trainer/heads.py) on the concatenated
   log-scores, on the concatenated pooled features, or attention-weighted features, trained on
   the training part's per-video scores / features with the validation part for early stopping.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from core.atomic import save_atomic, write_atomic
 from trainer.scores import Scores
+from trainer.svm import LinearSVM, SVMError, svm_fit, svm_predict
 
 # Ratios tried by `choose_weights` for each stream after the first (whose weight is 1).
 RATIOS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
@@ -115,85 +119,13 @@ def choose_weights(val: Sequence[Scores], grid: Sequence[Sequence[float]] | None
     return best
 
 
-# ---------------------------------------------------------------- linear SVM
-
-@dataclass
-class LinearSVM:
-    """One-vs-rest linear SVM: decision = features @ weights.T + bias (one column per class)."""
-    weights: np.ndarray  # C x D
-    bias: np.ndarray     # C
-    C: float
-
+# ---------------------------------------------------------------- SVM fusion (trainer/svm.py)
 
 def svm_features(*streams: Scores) -> np.ndarray:
     """L2-normalised concatenation of the streams' softmax vectors per video (N x kC)."""
     check_streams(streams)
     x = np.concatenate([s.scores for s in streams], axis=1).astype(np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _fit_binary(x: np.ndarray, y: np.ndarray, C: float, tol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
-    """min_w 0.5|w|^2 + C sum_i max(0, 1 - y_i w.x_i)^2 by generalised Newton with Armijo steps.
-
-    The objective is strictly convex and piecewise quadratic, so this converges to the unique
-    optimum (in a handful of steps); deterministic, unlike sampling-based solvers.
-    """
-    d = x.shape[1]
-    w = np.zeros(d)
-
-    def objective(w: np.ndarray) -> float:
-        m = np.maximum(0.0, 1.0 - y * (x @ w))
-        return 0.5 * w @ w + C * (m @ m)
-
-    f = objective(w)
-    g0 = None
-    for _ in range(max_iter):
-        m = 1.0 - y * (x @ w)
-        active = m > 0
-        xa = x[active]
-        g = w - 2 * C * xa.T @ (y[active] * m[active])
-        gnorm = float(np.linalg.norm(g))
-        g0 = gnorm if g0 is None else g0
-        if gnorm <= tol * max(1.0, g0):
-            break
-        h = np.eye(d) + 2 * C * xa.T @ xa
-        step_dir = np.linalg.solve(h, -g)
-        step, slope = 1.0, float(g @ step_dir)
-        while True:
-            f_new = objective(w + step * step_dir)
-            if f_new <= f + 1e-4 * step * slope or step < 1e-12:
-                break
-            step /= 2
-        w = w + step * step_dir
-        if f - f_new <= 1e-15 * max(1.0, abs(f)):
-            f = f_new
-            break
-        f = f_new
-    return w
-
-
-def svm_fit(train_features: np.ndarray, train_labels: np.ndarray, C: float = 1.0,
-            num_classes: int | None = None) -> LinearSVM:
-    """One-vs-rest L2-regularised squared-hinge linear SVM (LIBLINEAR's default loss, with a bias
-    feature of 1 regularised like `-B 1`). Pass only training videos' features."""
-    x = np.asarray(train_features, np.float64)
-    labels = np.asarray(train_labels, np.int64)
-    if x.ndim != 2 or labels.shape != (x.shape[0],) or x.shape[0] == 0:
-        raise FusionError(f"SVM needs an N x D feature matrix and N labels (N > 0); got {x.shape} and {labels.shape}")
-    if not (C > 0 and math.isfinite(C)):
-        raise FusionError(f"fusion.svm_c must be a positive number, got {C}")
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    xb = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
-    w = np.stack([_fit_binary(xb, np.where(labels == k, 1.0, -1.0), float(C)) for k in range(num_classes)])
-    return LinearSVM(weights=w[:, :-1], bias=w[:, -1], C=float(C))
-
-
-def svm_predict(model: LinearSVM, features: np.ndarray) -> np.ndarray:
-    """Decision values, N x C (higher = more likely that class)."""
-    x = np.asarray(features, np.float64)
-    if x.ndim != 2 or x.shape[1] != model.weights.shape[1]:
-        raise FusionError(f"SVM was trained on {model.weights.shape[1]}-dim features, got {x.shape}")
-    return x @ model.weights.T + model.bias
 
 
 def svm_fuse(train: Sequence[Scores], test: Sequence[Scores], C: float = 1.0) -> tuple[np.ndarray, LinearSVM]:
@@ -215,7 +147,10 @@ def _svm_train(train: Sequence[Scores], test: Sequence[Scores], C: float) -> Lin
     if overlap:
         raise FusionError(f"{len(overlap)} videos are in both the training and the test scores (e.g. {overlap[0]!r}); "
                           f"the SVM must be trained on training videos only")
-    return svm_fit(svm_features(*train), train[0].labels, C, num_classes=len(train[0].class_names))
+    try:
+        return svm_fit(svm_features(*train), train[0].labels, C, num_classes=len(train[0].class_names))
+    except SVMError as e:
+        raise FusionError(str(e)) from None
 
 
 # ---------------------------------------------------------------- the methods
@@ -296,7 +231,7 @@ def _fit_head(kind: str):
     def fit(parts: dict, settings: dict, test: Sequence[Scores]) -> dict:
         import torch
 
-        from trainer.network import make_fusion
+        from trainer.heads import make_fusion
 
         uses_features = kind in ("feature", "attention")
         if kind == "calibrated":
@@ -354,7 +289,7 @@ def _fit_calibration(module, inputs) -> dict:
 def _apply_head(params: dict, streams: Sequence[Scores]) -> np.ndarray:
     import torch
 
-    from trainer.network import fusion_module
+    from trainer.heads import fusion_module
 
     module = fusion_module(params["module"]["kind"], params, len(streams))
     x, f, _ = _inputs(streams, params["module"]["kind"] in ("feature", "attention"))
@@ -387,6 +322,40 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+# ---------------------------------------------------------------- fusion.pt
+
+def _tensors(obj):
+    """Fitted parameters as torch tensors and primitives (torch.load(weights_only=True) reads them)."""
+    import torch
+
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, (list, tuple)):
+        return [_tensors(v) for v in obj]
+    return obj
+
+
+def describe(obj):
+    """Fitted parameters for people: small arrays as rounded lists, large ones by their shape."""
+    if isinstance(obj, dict):
+        return {k: describe(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return obj.round(6).tolist() if obj.size <= 64 else f"array {list(obj.shape)}"
+    return obj
+
+
+def save_fitted(out_dir: Path, fitted: dict) -> dict[str, Path]:
+    """fusion.pt (every fitted method's parameters, for predictions on new videos; loads with
+    weights_only=True) and fusion.json (the same for people)."""
+    import torch
+
+    return {"fusion": save_atomic(out_dir / "fusion.pt", lambda p: torch.save(_tensors(fitted), p)),
+            "fusion_json": write_atomic(out_dir / "fusion.json",
+                                        json.dumps(describe(fitted), indent=1, sort_keys=True) + "\n")}
+
+
 def _numpy(obj):
     import torch
 
@@ -403,8 +372,6 @@ def load_fitted(path) -> dict:
     """fusion.pt (written by fuse-eval) with its parameters back as numpy arrays."""
     import torch
 
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise FusionError(f"no fitted fusion at {path}; run `python -m trainer fuse-eval` first")
@@ -417,3 +384,17 @@ def fuse(fitted: dict, method: str, streams: Sequence[Scores]) -> np.ndarray:
         raise FusionError(f"fusion {method!r} was not fitted; fitted: {', '.join(fitted['params'])}")
     check_streams(streams)
     return METHODS[method].apply(fitted["params"][method], streams)
+
+
+def network_from_run(out: str | Path, fusion: str | None = None, streams: Sequence[str] | None = None):
+    """A run's trained streams (best.pt) with the fusion fuse-eval fitted (fusion/fusion.pt; default:
+    the best fusion it chose on the validation part), as one TwoStreamNetwork."""
+    from trainer.checkpoint import load_best
+    from trainer.heads import fusion_module
+    from trainer.network import TwoStreamNetwork
+
+    fitted = load_fitted(Path(out) / "fusion" / "fusion.pt")
+    names = list(streams or fitted["streams"])
+    method = fusion or fitted["best"] or "average"
+    cks = [load_best(out, n) for n in names]
+    return TwoStreamNetwork.from_checkpoints(cks, fusion_module(method, fitted["params"].get(method, {}), len(names)))

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowprep.extract import STORE_KEYS, ExtractOptions, extract_video
-from flowprep.store import read_store_info, write_store_info
+from flowprep.extract import extract_video
+from flowprep.extract_options import STORE_KEYS, ExtractOptions
+from flowprep.store_files import read_store_info, write_store_info
 from trainer.checkpoint import load_best
 from trainer.data import ProtocolDataset, make_loader
 from trainer.evaluate import load_stream_model, predict as protocol_scores
@@ -30,9 +31,8 @@ from trainer.fusion import METHODS, FusionError, load_fitted
 from trainer.scores import Scores
 from trainer.streams import get_input
 from trainer.utils import pick_device, setup_device
-from twostream.atomic import write_atomic
-from twostream.pipeline import validate
-from twostream.schema import ConfigError
+from core.atomic import write_atomic
+from core.schema import ConfigError, Pipeline, require_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ def fitted_fusion(cfg: dict, streams: list[str]) -> tuple[str, dict | None]:
     return fitted.get("best") or "average", fitted
 
 
-def predict_videos(cfg: dict, videos: list[str | Path], device: str | None = None, top: int = 5,
+def predict_videos(cfg: Pipeline, videos: list[str | Path], device: str | None = None, top: int = 5,
                    show: bool = False) -> dict:
     """Classify `videos`; returns {"method", "classes", "results": [per video], "failed": {path: reason}}."""
-    cfg = validate(cfg)
+    cfg = require_pipeline(cfg, "predict_videos")
     streams = list(cfg["fusion"]["streams"])
     cks = {s: load_best(cfg["out"], s) for s in streams}
     classes = list(cks[streams[0]]["class_names"])
@@ -77,11 +77,12 @@ def predict_videos(cfg: dict, videos: list[str | Path], device: str | None = Non
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="twostream-predict-") as tmp:
         root = Path(tmp) / "store"
-        write_store_info(root, opts.store_info())
+        flow = opts.flow_spec()  # what the store was made with, resolved once
+        write_store_info(root, opts.store_info(flow))
         ids, sources, counts = [], [], []
         for k, src in enumerate(videos):
             vid = f"v{k:05d}"
-            rec = extract_video(src, root, vid, opts)
+            rec = extract_video(src, root, vid, opts, flow)
             if rec["status"] != "ok":
                 failed[str(src)] = rec.get("error") or rec["status"]
                 log.warning(f"{src}: {failed[str(src)]}")

@@ -14,7 +14,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from twostream.atomic import write_atomic
+from core.atomic import write_atomic
 
 DIGITS = 6
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twostream.atomic import save_atomic
+from core.atomic import save_atomic
 
 
 def scores_file(run_dir: Path, part: str, dataset: str = "") -> Path:

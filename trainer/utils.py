@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from twostream.schema import ConfigError
+from core.schema import ConfigError
 
 
 def init_distributed(device_pref: str) -> tuple[int, int, int]:

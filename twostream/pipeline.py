@@ -1,13 +1,17 @@
 """Pipeline files (pipelines/<name>.toml): what each section holds, loading, overrides, validation.
 
+The composition root: every package's section schemas meet here, above flowprep and trainer.
+A pipeline is read and validated once (`load_pipeline`, `validate`) into a `core.schema.Pipeline`
+that the commands pass down; importing this module does no work.
+
 A pipeline file holds only what differs from the schemas' defaults; every section is checked
 when the file is read, so a typo anywhere (`fusion.svm_C`, `eval.crop`, `data.val_fracton`) or a
 wrong type (`data.split = "one"`) stops every command, naming the key and what is allowed.
 
 Sections and where their schema lives:
     name, out        the run's name and folder (default runs/<name>)     TOP below
-    [data]           videos, store, split files                          trainer/config.py
-    [extract]        flowprep extract                                    flowprep/extract.py
+    [data]           videos, store, split files                          core/data.py
+    [extract]        flowprep extract                                    flowprep/extract_options.py
     [synth]          flowprep synth                                      flowprep/synth.py
     [train]          training settings shared by every stream            trainer/config.py
     [streams.NAME]   one stream: `input` and the [train] keys it changes  trainer/config.py
@@ -29,11 +33,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from flowprep.extract import EXTRACT
+from core.data import DATA, DATASET
+from core.schema import ConfigError, Key, Pipeline, Section
+from flowprep.extract_options import EXTRACT
 from flowprep.synth import SYNTH
-from trainer.config import ABLATE, DATA, DATASET, EVAL, FUSION, JOINT, STREAM, TRAIN
+from trainer.config import ABLATE, EVAL, FUSION, JOINT, STREAM, TRAIN
 from trainer.streams import DEFAULT_STREAMS
-from twostream.schema import ConfigError, Key, Section
 
 TOP = Section("", {
     "name": Key("", "The pipeline's name."),
@@ -90,7 +95,7 @@ def _legacy_streams(raw: dict, where: str) -> dict:
     return raw
 
 
-def validate(raw: dict, where: str = "") -> dict:
+def validate(raw: dict, where: str = "") -> Pipeline:
     """A checked pipeline: every section present and filled with its defaults; [streams.NAME]
     holds only what each stream sets itself (see trainer.config.stream_settings)."""
     where = where or str(raw.get("_path", ""))
@@ -125,7 +130,7 @@ def validate(raw: dict, where: str = "") -> dict:
         cfg["datasets"][name] = Section(f"datasets.{name}", DATASET.keys).validate(values, where)
     if "_path" in raw:
         cfg["_path"] = raw["_path"]
-    return cfg
+    return Pipeline(cfg)
 
 
 def read_pipeline(path: str | Path) -> dict:
@@ -145,7 +150,7 @@ def read_pipeline(path: str | Path) -> dict:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                  values: dict[str, Any] | None = None, raw: dict | None = None) -> dict:
+                  values: dict[str, Any] | None = None, raw: dict | None = None) -> Pipeline:
     """Read a pipeline file (or take `raw`, as read_pipeline gives it), set `values`
     ({"section.key": value}, e.g. from command-line options), then the `section.key=value`
     overrides (applied last, so they win), and validate."""

@@ -289,3 +289,17 @@ def _rebuild(cls, values):
     obj = cls.__new__(cls)
     obj.__dict__.update(values)
     return obj
+
+
+class Pipeline(dict):
+    """A validated pipeline: every section present, filled with its defaults and checked
+    (made only by twostream.pipeline.validate). Library entry points take one, so a pipeline is
+    read and validated once, where it enters (a command line, a test), and passed down."""
+
+
+def require_pipeline(cfg: dict, what: str) -> Pipeline:
+    """`cfg` itself when it is a validated pipeline; TypeError (a caller's bug) otherwise."""
+    if not isinstance(cfg, Pipeline):
+        raise TypeError(f"{what} takes a validated pipeline: pass twostream.pipeline.validate(cfg) or "
+                        "twostream.pipeline.load_pipeline(path), not a plain dict")
+    return cfg

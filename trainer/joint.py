@@ -1,21 +1,17 @@
-"""`python -m trainer train-fusion`: train one fusion, heads only or jointly with the streams.
+"""Joint fine-tuning: the separately trained streams and a fusion head, end to end under the
+fused loss (`python -m twostream train-fusion --fusion attention --joint`).
 
-    python -m trainer train-fusion --pipeline P --fusion attention           # heads only
-    python -m trainer train-fusion --pipeline P --fusion attention --joint   # end to end
-    torchrun --nproc-per-node 8 -m trainer train-fusion --pipeline P --fusion attention --joint
+    python -m twostream train-fusion --pipeline P --fusion attention --joint [--resume]
+    torchrun --nproc-per-node 8 -m twostream train-fusion --pipeline P --fusion attention --joint
 
-Heads only: the fusion is fitted on the streams' per-video scores and pooled features of the
-training part (the test protocol's sampling, computed once with the streams frozen and cached
-as score files), with the validation part for early stopping; this is what fuse-eval does for
-every method, so this command is fuse-eval restricted to one method.
-
-Joint (--joint): a TwoStreamNetwork is built from the separately trained streams' best.pt and
-the fusion fitted heads-only (fusion/fusion.pt, when fuse-eval has run; a fresh head
-otherwise), then everything is fine-tuned under the fused loss on aligned samples of the
-streams (data.JointDataset), with the training loop of trainer/train.py: [train] settings,
-overridden by [joint] (use a small lr: the streams are trained already). The run folder
-{out}/joint_<fusion>/ holds last.pt / best.pt / log.jsonl like a stream's, and its scores of
-the test protocol, which fuse-eval reports as "<fusion> (joint)".
+A TwoStreamNetwork is built from the streams' best.pt and the fusion fitted heads-only
+(fusion/fusion.pt, when fuse-eval has run; a fresh head otherwise), then everything is trained on
+aligned samples of the streams (data.JointDataset) by the loop every model shares
+(trainer/fit.py: checkpoints, --resume, best epoch, logs), with the [train] settings overridden by
+[joint] (use a small lr: the streams are trained already). The run folder {out}/joint_<fusion>/
+holds last.pt / best.pt / log.jsonl like a stream's, and its scores of the test protocol, which
+fuse-eval reports as "<fusion> (joint)". (Heads only, on the frozen streams' per-video scores, is
+fuse-eval restricted to one method: trainer/fuse_eval.py.)
 """
 from __future__ import annotations
 
@@ -27,19 +23,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.progress import Progress
+from core.schema import ConfigError, Pipeline, require_pipeline
+from core.splits import check_same_split, split_from_config, split_identity
 from flowprep.store import Store
 from trainer import checkpoint as C
 from trainer.config import JOINT, TRAIN
 from trainer.data import ClipDataset, JointDataset, make_loader, training_loaders
-from trainer.models import build_model, freeze_bn, head
-from trainer.network import TwoStreamNetwork, fusion_module, make_fusion
+from trainer.fit import fit, plain
+from trainer.heads import fusion_module, make_fusion
+from trainer.models import build_model, head
+from trainer.network import TwoStreamNetwork
 from trainer.scores import Scores, save_scores, scores_file
-from trainer.splits import check_same_split, check_videos, split_from_config, split_identity
-from trainer.train import _plain, evaluate, make_optimizer, make_scheduler, train_one_epoch
+from trainer.tasks import check_videos
 from trainer.utils import init_distributed, pick_device, seed_everything, setup_device
-from twostream.pipeline import validate
-from twostream.progress import Progress
-from twostream.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +78,11 @@ def _stream_sets(net: TwoStreamNetwork, roots, ids, labels, counts, crop: int, *
             for s in net.streams]
 
 
-def train_joint(cfg: dict, method: str) -> dict:
-    """Fine-tune the fusion.streams and the `method` fusion end to end; returns a summary."""
-    cfg = validate(cfg)
-    args = {"name": f"joint_{method}", **joint_settings(cfg)}
+def train_joint(cfg: Pipeline, method: str) -> dict:
+    """Fine-tune the fusion.streams and the `method` fusion end to end; returns a summary.
+    [joint] resume = true (--resume) continues a killed run from its last.pt."""
+    cfg = require_pipeline(cfg, "train_joint")
+    args = {"name": f"joint_{method}", **joint_settings(cfg), "freeze": "none", "section": "joint"}
     streams = list(cfg["fusion"]["streams"])
     cks = [C.load_best(cfg["out"], s) for s in streams]
     crop = int(cks[0].get("crop_size", args["crop_size"]))
@@ -114,16 +112,11 @@ def train_joint(cfg: dict, method: str) -> dict:
     val_set = JointDataset(_stream_sets(net, root, val_part.video_ids, val_part.labels, val_counts, crop,
                                         train=False), train=False, segments=args["segments"])
     try:
-        sampler, loader, val_loader = training_loaders(train_set, val_set, int(args["batch_size"]),
-                                                       int(args["workers"]), device, seed, rank, world)
+        loaders = training_loaders(train_set, val_set, int(args["batch_size"]), int(args["workers"]), device, seed,
+                                   rank, world)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     per_rank = int(args["batch_size"]) // world
-    optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], args)
-    scheduler = make_scheduler(optimizer, args, len(loader))
-    criterion = nn.CrossEntropyLoss()  # on fused log-probabilities: the fused negative log-likelihood
-    net_ddp = nn.parallel.DistributedDataParallel(net, device_ids=[local] if device.type == "cuda" else None) \
-        if world > 1 else net
 
     def logits_fn(model):
         def run(xs, y):
@@ -138,33 +131,17 @@ def train_joint(cfg: dict, method: str) -> dict:
     meta = {"kind": "joint", "fusion": method, "streams": streams, "class_names": list(net.class_names),
             "stream_meta": [{k: ck[k] for k in ("arch", "input", "flow_length", "mean_subtraction", "crop_size",
                                                 "in_channels", "num_classes") if k in ck} for ck in cks],
-            "split": split_id, "config": _plain(cfg), "stream_config": _plain(args)}
+            "split": split_id, "config": plain(cfg), "stream_config": plain(args)}
     if rank == 0:
-        C.start_run(run_dir)
         log.info(f"joint {method}: {' + '.join(streams)} on {device} x{world}, {len(train_part)} train / "
                  f"{len(val_part)} val videos; batch {args['batch_size']} = {per_rank} per process x {world}")
-    records, best_acc, best_epoch = [], -1.0, None
-    for epoch in range(int(args["epochs"])):
-        sampler.set_epoch(epoch)
-        record = {"epoch": epoch + 1}
-        record.update(train_one_epoch(net_ddp, criterion, optimizer, scheduler, loader, device, epoch,
-                                      {**args, "freeze": "none"}, logits_fn(net_ddp), show=rank == 0))
-        if args["freeze_bn"]:
-            freeze_bn(net)
-        if val_loader is not None:
-            record.update(evaluate(net, criterion, val_loader, device, logits_fn(net)))
-        best_acc, best_epoch = C.commit_epoch(
-            run_dir, epoch, record, (best_acc, best_epoch), val_loader is not None, records, world, rank,
-            lambda: {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict()}, meta)
-        if rank == 0:
-            log.info(f"joint {method} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                                                     if k != "epoch"))
-    if world > 1:
-        dist.barrier()
+    identity = {"fusion": method, "streams": streams, "class_names": list(net.class_names)}
+    # The fused loss: cross-entropy of the fused log-probabilities, the fused negative log-likelihood.
+    summary = fit(net, [p for p in net.parameters() if p.requires_grad], loaders, device, args, run_dir, meta,
+                  logits_fn, identity, rank=rank, world=world, local=local, criterion=nn.CrossEntropyLoss())
     if joined:
         dist.destroy_process_group()
-    return {"out": str(run_dir), "best_acc": best_acc, "log": records}
+    return summary
 
 
 def load_joint(cfg: dict, method: str) -> tuple[TwoStreamNetwork, dict]:
@@ -185,9 +162,9 @@ def load_joint(cfg: dict, method: str) -> tuple[TwoStreamNetwork, dict]:
 
 
 @torch.no_grad()
-def score_joint(cfg: dict, method: str, part: str = "test", show: bool = True) -> Scores:
+def score_joint(cfg: Pipeline, method: str, part: str = "test", show: bool = True) -> Scores:
     """The test protocol through the joint network: fused probabilities averaged per video."""
-    cfg = validate(cfg)
+    cfg = require_pipeline(cfg, "score_joint")
     net, ck = load_joint(cfg, method)
     split = split_from_config(cfg)
     split_id = split_identity(split, cfg)

@@ -1,4 +1,6 @@
-"""`flowprep` command line: extract, adopt, verify, show. Thin over flowprep.extract / adopt / verify / show.
+"""`flowprep` command line: extract, adopt, verify, show, synth. Thin over the flowprep library
+(extract_job.run_extract, adopt.run_adopt, verify.verify_store, show, synth.synth_dataset); the
+pipeline file is read and validated once here (twostream/pipeline.py).
 
 Exit status: 0 done; 1 some videos failed (or verify found problems); 2 the command could not
 run (a usage error, or a problem with the job as a whole, stated in one sentence).
@@ -13,18 +15,21 @@ from pathlib import Path
 
 import click
 
-from flowprep.extract import EXTRACT, JOB_KEYS, ExtractError, ExtractOptions, run_extract
+from core.progress import verbosity_options
+from core.schema import ConfigError, given
+from flowprep.extract_job import run_extract
+from flowprep.extract_options import EXTRACT, JOB_KEYS, ExtractOptions
+from flowprep.job import JobError
 from flowprep.lock import StoreLocked
 from flowprep.quant import DEFAULT_BOUND
-from flowprep.store import StoreError
-from flowprep.synth import synth_command
-from twostream.progress import verbosity_options
-from twostream.schema import ConfigError, given
+from flowprep.store_base import StoreError
+from flowprep.synth import SYNTH, SynthError, existing_set, synth_dataset, synth_settings
+from twostream.pipeline import load_pipeline
 
 log = logging.getLogger("flowprep")
 
 
-class JobError(click.ClickException):
+class CannotRun(click.ClickException):
     """The job cannot run as asked (a bad video list, the store in use, a full disk): exit 2, one sentence."""
 
     exit_code = 2
@@ -67,8 +72,6 @@ def extract(pipeline, videos, out, list_file, splits, overwrite, repair, **optio
     Exit status 0 when every video is done, 1 when some failed (the others are still extracted),
     2 when the job cannot run (usage error, bad video list, store in use, disk full, ...).
     """
-    from twostream.pipeline import load_pipeline
-
     chosen = given(options)
     try:
         cfg = load_pipeline(pipeline) if pipeline else None
@@ -101,8 +104,8 @@ def extract(pipeline, videos, out, list_file, splits, overwrite, repair, **optio
                               command="flowprep " + shlex.join(sys.argv[1:]), **job)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    except ExtractError as e:
-        raise JobError(str(e)) from None
+    except JobError as e:
+        raise CannotRun(str(e)) from None
     except KeyboardInterrupt:
         click.echo(f"flowprep: stopped; the videos finished so far are kept in {out}: run the same command again "
                    "to go on", err=True)
@@ -154,14 +157,14 @@ def adopt(src, out, layout, flow_root, rgb_root, class_regex, bound, mode, split
     differ, unreadable JPEGs) are reported and the rest adopted. Resumable. Exit status 0 when every
     video is adopted, 1 when some were odd, 2 when the job cannot run.
     """
-    from flowprep.adopt import AdoptError, run_adopt
+    from flowprep.adopt import run_adopt
 
     try:
         summary = run_adopt(src, out, layout=layout, flow_root=flow_root, rgb_root=rgb_root, class_regex=class_regex,
                             bound=bound, mode=mode or "link", splits=splits, workers=workers, progress=True,
                             command="flowprep " + shlex.join(sys.argv[1:]))
-    except AdoptError as e:
-        raise JobError(str(e)) from None
+    except JobError as e:
+        raise CannotRun(str(e)) from None
     sys.exit(summary.exit_code)
 
 
@@ -180,7 +183,7 @@ def verify(store, workers):
     except StoreError as e:
         raise click.UsageError(str(e)) from None
     except StoreLocked as e:
-        raise JobError(str(e)) from None
+        raise CannotRun(str(e)) from None
     click.echo(report.format())
     sys.exit(report.exit_code)
 
@@ -202,4 +205,37 @@ def show(store, video_id, out, frames):
     click.echo(f"wrote {path}")
 
 
-main.add_command(synth_command)
+@main.command("synth")
+@click.option("--pipeline", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Take --out from data.videos and defaults from the [synth] section of this pipeline TOML.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Videos root to create.")
+@SYNTH.options()
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out that holds something else.")
+def synth_command(pipeline: Path | None, out: Path | None, overwrite: bool, **options) -> None:
+    """Write a small synthetic colour x motion action set in UCF-101 layout (for demos and tests).
+
+    Re-running with the same settings leaves an existing set alone.
+    """
+    try:
+        cfg = load_pipeline(pipeline) if pipeline else {"synth": {}, "data": {"videos": ""}}
+        settings = SYNTH.validate({**cfg["synth"], **given(options)})
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    out = out or (Path(cfg["data"]["videos"]) if cfg["data"]["videos"] else None)
+    if out is None:
+        raise click.UsageError("give --out DIR (or --pipeline FILE with data.videos)")
+    kwargs = dict(settings, colours=tuple(settings["colours"]), motions=tuple(settings["motions"]))
+    existing = existing_set(out)
+    if existing is not None and not overwrite and existing.get("settings") == synth_settings(**kwargs):
+        click.echo(f"{out} already holds this synthetic set ({existing['videos']} videos); leaving it as it is")
+        return
+    try:
+        summary = synth_dataset(out, overwrite=overwrite, progress=True, **kwargs)
+    except SynthError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"wrote {summary['videos']} videos ({summary['train_videos']} train, {summary['test_videos']} test) "
+               f"of {len(summary['classes'])} classes to {out}")
+
+
+if __name__ == "__main__":  # python -m twostream.flowprep_cli (what python -m flowprep runs)
+    main()

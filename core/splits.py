@@ -1,6 +1,6 @@
-"""Train/test splits: which videos train, validate and test, with which labels.
+"""Classes and splits: which videos train, validate and test, with which labels.
 
-Three formats, chosen by `data.split_format`:
+Three formats of split folder, chosen by `data.split_format`:
 
 - ``ucf101``: the official ucfTrainTestlist folder. classInd.txt (``1 ApplyEyeMakeup``),
   trainlistNN.txt (``ApplyEyeMakeup/v_..._g08_c01.avi 1``), testlistNN.txt (path only).
@@ -9,25 +9,30 @@ Three formats, chosen by `data.split_format`:
 - ``list``: a folder with train.txt and test.txt, ``<path> <label>`` per line; the label is a
   class index or a class name.
 
-Video ids are paths relative to the videos root without extension (the store's ids).
+Video ids are paths relative to the videos root without extension (the store's ids, core/ids.py).
 The validation part is held out of the training part: whole UCF groups (``_gGG_``, clips cut
 from one long video) when the names carry them, so near-duplicate clips never straddle
 train and val; single videos otherwise. The choice is deterministic.
+
+Labels (`Labels`, `read_splits`): the class index flowprep's list files and the trainer share.
+With a split folder, the dataset's own: UCF-101's classInd.txt (label = index - 1; its order is
+not Python's case-sensitive sort: Hammering < HammerThrow there), or for HMDB-51 (no index
+file) the class names sorted; without one, the store's class names sorted.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
-from flowprep.store import Store, StoreError, video_class
+from core.ids import video_class
 
-FORMATS = ("ucf101", "hmdb51", "list")
+SPLIT_FORMATS = ("ucf101", "hmdb51", "list")
 PARTS = ("train", "val", "test")
 GROUP = re.compile(r"_g(\d+)_c\d+$")
 log = logging.getLogger(__name__)
@@ -194,7 +199,7 @@ def read_split(fmt: str, folder: str | Path, split: int = 1, val_fraction: float
     """Read a split folder into train / val / test parts with class names."""
     readers = {"ucf101": read_ucf101, "hmdb51": read_hmdb51, "list": read_list}
     if fmt not in readers:
-        raise SplitError(f"data.split_format must be one of {FORMATS}, got {fmt!r}")
+        raise SplitError(f"data.split_format must be one of {SPLIT_FORMATS}, got {fmt!r}")
     folder = Path(folder)
     if not folder.is_dir():
         raise SplitError(f"split folder {folder} does not exist (data.splits)")
@@ -216,40 +221,6 @@ def split_from_config(cfg: dict) -> Split:
         raise SplitError("the pipeline has no data.splits (the split folder)")
     return read_split(data.get("split_format", "ucf101"), data["splits"], data.get("split", 1),
                       data.get("val_fraction", 0.1))
-
-
-@dataclass
-class Task:
-    """One dataset a stream trains on: its data section, split, and first class in the stream's
-    combined class list (multi-task streams stack every dataset's classes, one head each)."""
-
-    name: str  # "" for the pipeline's [data]
-    data: dict
-    split: Split
-    offset: int = 0
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.split.class_names)
-
-
-def tasks_for(cfg: dict, datasets: list[str] | tuple[str, ...] = ()) -> list[Task]:
-    """[data] alone, or the listed [datasets.NAME] of a multi-task stream."""
-    if not datasets:
-        return [Task("", cfg.get("data", {}), split_from_config(cfg))]
-    tasks, offset = [], 0
-    for name in datasets:
-        data = cfg["datasets"][name]
-        split = split_from_config({"data": data})
-        tasks.append(Task(name, data, split, offset))
-        offset += len(split.class_names)
-    return tasks
-
-
-def class_names(tasks: list[Task]) -> list[str]:
-    if len(tasks) == 1:
-        return tasks[0].classes
-    return [f"{t.name}/{c}" for t in tasks for c in t.classes]
 
 
 def ids_checksum(video_ids: list[str]) -> str:
@@ -278,48 +249,61 @@ def check_same_split(trained: dict | None, now: dict, what: str) -> None:
                      "data.split / data.val_fraction / split files, or retrain")
 
 
-MODALITY_HELP = {"rgb": "RGB frames (extracted with --no-rgb: flow only; re-extract with --rgb)",
-                 "bflow": "backward flow (extract with --direction both)", "flow": "flow"}
+# ---------------------------------------------------------------- labels
+
+class SplitsError(ValueError):
+    """A --splits folder that cannot be read; the message says which and why."""
 
 
-def check_videos(store: Store, part: Part, skip_missing: bool = False, what: str = "",
-                 reads: tuple[str, ...] = ("flow",)) -> tuple[Part, list[tuple[int, int]]]:
-    """Check every video of `part` in the store before any training starts: complete, and holding
-    the modalities the stream input `reads` (RGB frames, backward flow) that a store may lack.
+@dataclass
+class Labels:
+    """Class index (name -> label), where it came from, and the official splits when known."""
 
-    Returns the part (minus bad videos when `skip_missing`) and (frames, flows) per video;
-    raises StoreError naming the missing or incomplete videos otherwise.
-    """
-    def probe(vid: str):
-        reason = store.check(vid)
-        if reason is not None:
-            return reason, None
-        try:
-            with store.open(vid) as v:
-                have = {"rgb": v.has_rgb, "flow": v.num_flows > 0, "bflow": v.num_bflows > 0}
-                lacking = [m for m in reads if not have[m]]
-                if lacking:
-                    return "no " + " and no ".join(MODALITY_HELP[m] for m in lacking), None
-                return None, (v.num_frames, v.num_flows)
-        except (StoreError, OSError) as e:
-            return str(e), None
-    with ThreadPoolExecutor(16) as pool:  # stat/scandir-bound: threads overlap the file system waits
-        results = list(pool.map(probe, part.video_ids))
-    bad = [(vid, r) for vid, (r, _) in zip(part.video_ids, results) if r is not None]
-    if bad and not skip_missing:
-        shown = "\n".join(f"  {vid}: {reason}" for vid, reason in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise StoreError(f"{len(bad)} of {len(part)} {what}videos listed in the split are missing or incomplete "
-                         f"in the store {store.root}:\n{shown}{more}\nRun `flowprep extract` to (re)extract them, "
-                         f"or pass --skip-missing (data.skip_missing=true) to train without them.")
-    if bad:
-        log.warning(f"warning: skipping {len(bad)} {what}videos missing or incomplete in {store.root}: "
-                    + ", ".join(v for v, _ in bad[:10]) + (" ..." if len(bad) > 10 else ""))
-    keep = Part()
-    counts = []
-    for vid, lab, (reason, n) in zip(part.video_ids, part.labels, results):
-        if reason is None:
-            keep.video_ids.append(vid)
-            keep.labels.append(lab)
-            counts.append(n)
-    return keep, counts
+    index: dict[str, int]
+    source: str  # "sorted class names" or the class index file
+    dataset: str = ""  # "ucf101" / "hmdb51"
+    splits: dict[int, dict[str, list[str]]] = field(default_factory=dict)  # split -> part -> video ids
+    folder: str = ""
+
+    @property
+    def classes(self) -> list[str]:
+        return [c for c, _ in sorted(self.index.items(), key=lambda kv: kv[1])]
+
+
+def sorted_labels(ids: Iterable[str]) -> Labels:
+    classes = sorted({video_class(v) for v in ids})
+    return Labels({c: i for i, c in enumerate(classes)}, "sorted class names")
+
+
+def read_splits(folder: str | Path) -> Labels:
+    """Labels and splits of a UCF-101 ucfTrainTestlist folder (classInd.txt) or an HMDB-51 split folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SplitsError(f"--splits {folder}: no such folder")
+    try:
+        if (folder / "classInd.txt").is_file():
+            numbers = sorted(int(m.group(1)) for p in folder.glob("trainlist*.txt")
+                             if (m := re.fullmatch(r"trainlist(\d+)\.txt", p.name)))
+            labels = Labels({}, str(folder / "classInd.txt"), "ucf101", folder=str(folder))
+            names = None
+            for n in numbers:
+                names, train, test = read_ucf101(folder, n)
+                labels.splits[n] = {"train": train.video_ids, "test": test.video_ids}
+            if names is None:  # a class index without split lists: labels only
+                rows = [line.split() for line in (folder / "classInd.txt").read_text().splitlines() if line.strip()]
+                names = [name for _, name in sorted((int(i), name) for i, name in rows)]
+            labels.index = {c: i for i, c in enumerate(names)}
+            return labels
+        numbers = sorted({int(m.group(1)) for p in folder.glob("*_test_split*.txt")
+                          if (m := re.fullmatch(r".+_test_split(\d+)\.txt", p.name))})
+        if numbers:
+            labels = Labels({}, "sorted class names (HMDB-51 split files)", "hmdb51", folder=str(folder))
+            for n in numbers:
+                names, train, test = read_hmdb51(folder, n)
+                labels.splits[n] = {"train": train.video_ids, "test": test.video_ids}
+            labels.index = {c: i for i, c in enumerate(names)}
+            return labels
+    except (ValueError, IndexError) as e:
+        raise SplitsError(f"--splits {folder}: {e}") from None
+    raise SplitsError(f"--splits {folder}: neither a UCF-101 ucfTrainTestlist folder (classInd.txt, "
+                      "trainlistNN.txt, testlistNN.txt) nor an HMDB-51 split folder (<class>_test_splitN.txt)")

@@ -1,4 +1,6 @@
-"""`python -m trainer`: train a stream, score it with the paper's test protocol, fuse, inspect.
+"""`python -m twostream` (the `twostream` command): train a stream, score it with the paper's test
+protocol, fuse, predict, export, inspect. Thin over the trainer library; the pipeline file is read
+and validated once here (twostream/pipeline.py) and the validated pipeline passed down.
 
 Options are shorthands for pipeline keys, taken from the same schemas as the pipeline files
 (trainer/config.py): the training options set the stream's own section, so they win over
@@ -7,18 +9,21 @@ applied last. torch is imported only by the commands that need it, so `--help` i
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
-from flowprep.store import StoreError
-from trainer.config import DATA, STREAM, resolve_stream, stream_names, stream_settings
-from trainer.fuse_eval import fuse_eval_command
-from trainer.splits import SplitError
+from core.data import DATA
+from core.progress import verbosity_options
+from core.schema import ConfigError, given
+from core.splits import SplitError
+from flowprep.store_base import StoreError
+from trainer.config import STREAM, resolve_stream, stream_names, stream_settings
+from trainer.fusion import METHODS, FusionError
 from twostream.pipeline import describe, load_pipeline, read_pipeline
-from twostream.progress import verbosity_options
-from twostream.schema import ConfigError, given
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 TRAIN_OPTIONS = ("arch", "pretrained", "freeze", "epochs", "batch_size", "lr", "optimizer", "schedule", "workers",
@@ -88,7 +93,8 @@ def _fail(e: Exception) -> click.ClickException:
               help="Continue from <out>/<stream>/last.pt, or from the checkpoint PATH.")
 def train(stream, pipeline, overrides, **options):
     """Train one stream (torchrun --nproc-per-node N -m trainer train ... for several GPUs)."""
-    from trainer.train import TrainingError, main as train_main
+    from trainer.fit import TrainingError
+    from trainer.train import main as train_main
 
     try:
         cfg, name = build_config(pipeline, stream, options, overrides)
@@ -145,14 +151,19 @@ def show_config(pipeline, overrides):
               "(heads only: also average, svm).")
 @click.option("--joint", is_flag=True, help="Fine-tune the streams and the fusion end to end under the fused loss "
               "([joint] settings), instead of fitting the fusion on the frozen streams' scores.")
+@click.option("--resume", is_flag=False, flag_value="true", default=None, metavar="[PATH]",
+              help="--joint: continue from <out>/joint_<fusion>/last.pt, or from the checkpoint PATH.")
 @click.option("--reuse-scores", is_flag=True, help="Heads only: read existing score files instead of re-scoring.")
 @click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
-def train_fusion_cmd(pipeline, method, joint, reuse_scores, overrides):
+def train_fusion_cmd(pipeline, method, joint, resume, reuse_scores, overrides):
     """Train one fusion: heads only (on the streams' cached per-video scores and features), or --joint."""
     try:
-        cfg = load_pipeline(pipeline, overrides)
+        if resume is not None and not joint:
+            raise ConfigError("--resume continues joint training: give --joint too (heads only trains in seconds)")
+        values = {"joint.resume": True if resume == "true" else resume} if resume is not None else {}
+        cfg = load_pipeline(pipeline, overrides, values)
         if joint:
-            from trainer.train_fusion import train_joint
+            from trainer.joint import train_joint
 
             summary = train_joint(cfg, method)
             click.echo(f"joint {method}: best val accuracy {summary['best_acc']:.4f}; checkpoints in {summary['out']}")
@@ -238,7 +249,52 @@ def ablate_cmd(pipeline, cells, overrides):
     click.echo(f"wrote {result['paths']['markdown']} and {result['paths']['json']}")
 
 
-main.add_command(fuse_eval_command)
+def parse_weights(text: str) -> list[float]:
+    try:
+        w = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not comma-separated numbers like 1,1.5", param_hint="--weights")
+    if len(w) < 2 or min(w) < 0 or sum(w) == 0:
+        raise click.BadParameter(f"{text!r}: need one weight per stream (at least two), non-negative, not all 0",
+                                 param_hint="--weights")
+    return w
+
+
+@main.command("fuse-eval", context_settings=CONTEXT)
+@click.option("--pipeline", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Pipeline TOML file (pipelines/<name>.toml).")
+@click.option("--method", "methods", multiple=True, type=click.Choice(list(METHODS)),
+              help="Fusion method; repeat for several. Default: fusion.methods of the pipeline.")
+@click.option("--streams", default=None, help="Comma-separated streams to fuse (default: fusion.streams, "
+                                              "spatial,temporal).")
+@click.option("--weights", default=None, help="Weighted fusion's weights, one per stream, e.g. 1,1.5 "
+                                              "(default: fusion.weights, or chosen on the validation part).")
+@click.option("--reuse-scores", is_flag=True, help="Read existing scores_<part>.npz instead of re-evaluating.")
+@click.option("--dataset", default=None, metavar="NAME", help="With multi-task streams: fuse on this "
+              "[datasets.NAME] (fusion.dataset); the report goes to {out}/fusion_NAME/.")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a pipeline setting; repeatable.")
+def fuse_eval_command(pipeline: Path, methods: tuple[str, ...], streams: str | None, weights: str | None,
+                      reuse_scores: bool, dataset: str | None, overrides: tuple[str, ...]) -> None:
+    """Evaluate the streams with the test protocol, fuse their scores and write {out}/fusion/report.*."""
+    extra = [f"fusion.dataset={json.dumps(dataset)}"] if dataset else []
+    if streams is not None:
+        extra.append(f"fusion.streams={json.dumps([s.strip() for s in streams.split(',') if s.strip()])}")
+    if weights is not None:
+        extra.append(f"fusion.weights={json.dumps(parse_weights(weights))}")
+    try:
+        from trainer.fuse_eval import fuse_eval
+
+        cfg = load_pipeline(pipeline, [*overrides, *extra])
+        result = fuse_eval(cfg, methods or None, reuse_scores=reuse_scores)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    except (FusionError, SplitError, StoreError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(result["table"])
+    for name in ("markdown", "json", "confusion", "fusion"):
+        if name in result["paths"]:
+            click.echo(f"wrote {result['paths'][name]}")
 
 
 if __name__ == "__main__":  # pragma: no cover

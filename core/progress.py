@@ -16,7 +16,7 @@ import time
 
 import click
 
-log = logging.getLogger("twostream.progress")
+log = logging.getLogger("core.progress")
 DEFAULT_INTERVAL = 30.0
 
 

@@ -8,6 +8,7 @@ or run walk skips.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -53,6 +54,11 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """`obj` as indented JSON with sorted keys (so equal content gives equal bytes), atomically."""
+    return write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def save_atomic(path: str | Path, save: Callable[[Path], object]) -> Path:
