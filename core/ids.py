@@ -6,10 +6,12 @@ video's place in a store, so it must be a clean relative path (`id_problem`).
 """
 from __future__ import annotations
 
+import re
 import unicodedata
+from pathlib import PurePosixPath
 
-# The store's own top-level folder of MMAction2 list files: no video's first folder.
-RESERVED_FIRST = "lists"
+# Whitespace and control characters: what a list file line cannot hold in a name.
+_UNLISTABLE = re.compile(r"[\s\x00-\x1f\x7f]+")
 
 
 def id_problem(video_id: str) -> str | None:
@@ -33,13 +35,20 @@ def id_problem(video_id: str) -> str | None:
         return "a path with '..', '.' or empty parts (ids are clean paths relative to --videos)"
     if any(p.startswith(".") for p in parts):
         return "a hidden name (starting with '.'), reserved for the store's own files"
-    if parts[0] == RESERVED_FIRST:
-        return f"'{RESERVED_FIRST}' as its first folder: OUT/{RESERVED_FIRST}/ holds the store's list files"
     if any(c.isspace() for c in video_id):
         return "whitespace in the name, which list files (videos.txt, MMAction2 lists) cannot hold"
     if any(unicodedata.category(c) == "Cc" for c in video_id):
         return "a control character in the name"
     return None
+
+
+def id_from_path(rel: str) -> str:
+    """A video's id from its path inside the videos folder: the path without its extension,
+    '/'-separated, each run of whitespace or control characters made one '_' (list files separate
+    columns by whitespace), so users' own names keep working: `holiday/IMG 0001.MOV` ->
+    `holiday/IMG_0001`. Two paths that give one id are refused where videos are found, naming both;
+    the manifest and expected.json map every id to its source path."""
+    return _UNLISTABLE.sub("_", PurePosixPath(rel).with_suffix("").as_posix())
 
 
 def video_class(video_id: str) -> str:

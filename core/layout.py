@@ -9,7 +9,7 @@ MANIFEST = "manifest.jsonl"    # one record per attempt, the last one wins
 LIST_FILE = "videos.txt"       # `<video_dir> <total_frames> <label>` of every video
 EXPECTED = "expected.json"     # every video any job on the store was asked for (id -> source)
 FINDINGS = "verify.json"       # the last verify's findings, redone by the next extract
-LISTS = "lists"                # MMAction2 rawframe lists per modality and split
+LISTS = "lists"                # where stores before the lists moved to the top kept them (removed)
 LOGS = ".logs"                 # Ray's logs of a job whose workers died
 LOCK = ".flowprep.lock"        # the job holding the store
 META = "meta.json"             # per video (JPEG store); HDF5 keeps the same keys as attributes
@@ -23,7 +23,7 @@ FLOW_KINDS = {False: ("flow_x", "flow_y"), True: ("bflow_x", "bflow_y")}
 # A video whose record has one of these statuses is in the store (partial: its source was cut short).
 DONE = ("ok", "partial")
 # store.json keys that are not extraction parameters: a resumed job need not match them.
-LISTING_KEYS = ("labels_from", "classes", "splits", "mmaction2")
+LISTING_KEYS = ("labels_from", "classes", "splits", "mmaction2", "lists")
 
 # What MMAction2's RawframeDataset needs to open exactly a JPEG store's files (store.json "mmaction2").
 MMACTION2 = {

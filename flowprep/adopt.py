@@ -58,7 +58,8 @@ from core.atomic import remove_temps, temp_name, write_json
 from core.ids import id_problem, video_class
 from core.layout import DONE, META, frame_name
 from core.splits import SplitsError, read_splits
-from flowprep.adopt_scan import LAYOUTS, Found, Odd, fits_in_place, jpeg_size, scan_rawframes, scan_uv, whole_jpeg
+from flowprep.adopt_scan import (LAYOUTS, NO_CLASS, Classes, Found, Odd, find_rgb_beside, find_uv, fits_in_place,
+                                 jpeg_size, scan_rawframes, scan_uv, whole_jpeg)
 from flowprep.distribute import Cluster
 from flowprep.job import JobError, StoreJob, Summary, record
 from flowprep.quant import DEFAULT_BOUND
@@ -230,7 +231,7 @@ def adopt_video(job: Adoption, found: Found) -> dict:
                 _finish_move(meta, final)
         return record(found.video_id, found.folder, status="partial" if warning else "ok", frames=frames,
                       flows=flows, size=size, warning=warning, seconds=time.perf_counter() - t0,
-                      naming=meta["naming"], **extra)
+                      naming=meta["naming"], rgb=rgb, **extra)
     except Odd as e:
         return record(found.video_id, found.folder, error=str(e), seconds=time.perf_counter() - t0, **extra)
     except OSError as e:
@@ -262,7 +263,7 @@ class AdoptSummary(Summary):
     def headline(self) -> str:
         how = {"in place": "in place", "link": "hard links", "copy": "copies", "move": "moved"}[self.mode]
         return (f"{self.total} videos: {len(self.done)} adopted, {len(self.failed)} odd, {len(self.skipped)} already "
-                f"adopted (skipped); {self.frames} frames and {self.flows} flows ({self.layout} layout, {how}) in "
+                f"adopted (skipped); {self.frames} RGB frames and {self.flows} flows ({self.layout} layout, {how}) in "
                 f"{self.seconds:.1f} s")
 
     def stop_sentence(self) -> str:
@@ -319,7 +320,7 @@ class AdoptJob(StoreJob):
 
     def account(self, rec: dict, upgrade: bool) -> None:
         if rec["status"] in DONE:
-            self.summary.frames += rec["frames"]
+            self.summary.frames += rec["frames"] if rec.get("rgb", True) else 0  # RGB frames stored
             self.summary.flows += rec["flows"]
 
     def has_rgb(self, store: Store, records) -> bool:
@@ -332,6 +333,25 @@ def _has_rgb(store: Store, vid: str) -> bool:
             return v.has_rgb
     except (StoreError, OSError, KeyError, ValueError):
         return False
+
+
+def _classes(class_regex: str | None, splits: str | Path | None) -> tuple[Classes, list[str]]:
+    """How flat video names get their class (adopt_scan.Classes), and a note saying so; JobError
+    for a --class-regex that is no regular expression or a --splits folder that cannot be read."""
+    regex, by_name = None, {}
+    if class_regex:
+        try:
+            regex = re.compile(class_regex)
+        except re.error as e:
+            raise JobError(f"--class-regex {class_regex!r} is not a regular expression: {e}") from None
+    if splits is not None:
+        try:
+            labels = read_splits(splits)  # a bad folder stops the job now
+        except SplitsError as e:
+            raise JobError(str(e)) from None
+        by_name = {vid.rsplit("/", 1)[-1]: video_class(vid) for parts in labels.splits.values()
+                   for ids in parts.values() for vid in ids if "/" in vid}
+    return Classes(regex, by_name), []
 
 
 def _resolve(src: Path, path: str | Path | None) -> Path | None:
@@ -376,15 +396,18 @@ def run_adopt(src: str | Path, out: str | Path | None = None, *, layout: str = "
         raise JobError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
     if mode not in MODES:
         raise JobError(f"mode must be one of {MODES}, got {mode!r}")
-    regex = None
-    if class_regex:
-        try:
-            regex = re.compile(class_regex)
-        except re.error as e:
-            raise JobError(f"--class-regex {class_regex!r} is not a regular expression: {e}") from None
+    classes, notes = _classes(class_regex, splits)
     flows_at, rgb_at = _resolve(src, flow_root) or src, _resolve(src, rgb_root)
     if layout == "auto":
-        layout = "uv" if (flows_at / "u").is_dir() and (flows_at / "v").is_dir() else "rawframes"
+        uv = find_uv(flows_at)
+        layout = "uv" if uv else "rawframes"
+        if uv and uv != flows_at:
+            notes.append(f"u/ and v/ flow folders found in {uv}")
+        flows_at = uv or flows_at
+        if uv and rgb_root is None and uv != src:
+            rgb_at = find_rgb_beside(src, uv)
+            if rgb_at is not None:
+                notes.append(f"RGB frames from {rgb_at}, beside {uv.name}/ (--rgb-root to choose another folder)")
     in_place = out == src
     if out != src and out in src.parents:
         raise JobError(f"--out {out} holds SRC {src}; choose a folder beside or inside it")
@@ -395,15 +418,23 @@ def run_adopt(src: str | Path, out: str | Path | None = None, *, layout: str = "
             raise JobError(f"--rgb-root {rgb_at} is not a folder")
         if in_place:
             raise JobError("the u/ v/ layout cannot be a store in place: give --out DIR (hard links, no copies)")
-        found = scan_uv(flows_at, rgb_at, regex)
+        found = scan_uv(flows_at, rgb_at, classes)
     else:
         if flow_root is not None or rgb_root is not None:
             raise JobError("--flow-root and --rgb-root are for the u/ v/ layout (--layout uv); rawframes folders "
                              "hold their RGB and flow frames together")
-        found = scan_rawframes(src, None if in_place else out, regex)
+        found = scan_rawframes(src, None if in_place else out, Classes(infer=False) if in_place else classes)
     if not found:
         raise JobError(f"no frame folders under {src} (looked for <class>/<video>/ folders of img_N.jpg, "
                          "flow_x_N.jpg / x_N.jpg and flow_y_N.jpg / y_N.jpg, or u/<video>/ and v/<video>/ folders)")
+    notes += [f"{n} flat video folder(s) got their class from {how}" for how, n in classes.inferred.items()]
+    classless = [f for f in found if f.problem and NO_CLASS in f.problem]
+    if classless and len(classless) == len(found):
+        raise JobError(f"none of the {len(found)} video folders has a class: {classless[0].problem}")
+    if any(f.frames and "/" not in f.video_id for f in found if not f.problem):
+        names = sorted(f.video_id for f in found if "/" not in f.video_id)
+        raise JobError(f"in place, every video needs its class folder (<class>/<video>/), but {names[0]} has none; "
+                       "give --out DIR to build the store with class folders (hard links, no copies)")
     job_mode = "in place" if in_place else mode
     if in_place and mode != "link":
         raise JobError(f"--{mode} needs --out: in place nothing is copied or moved")
@@ -419,11 +450,6 @@ def run_adopt(src: str | Path, out: str | Path | None = None, *, layout: str = "
             f.problem = f"{f.folder} and {seen[f.video_id]} would both be video {f.video_id}"
         seen.setdefault(f.video_id, str(f.folder))
 
-    if splits is not None:
-        try:
-            read_splits(splits)  # a bad folder stops the job now
-        except SplitsError as e:
-            raise JobError(str(e)) from None
     store_info = {"version": STORE_VERSION, "format": "jpeg", "adopted_from": str(src), "layout": layout,
                   "bound": float(bound), "direction": "forward", "flow_codec": "jpeg", "algo": None, "preset": None,
                   "params": None, "size": None, "short_side": None, "step": None, "jpeg_quality": None,
@@ -434,5 +460,5 @@ def run_adopt(src: str | Path, out: str | Path | None = None, *, layout: str = "
                   **({"class_regex": class_regex} if class_regex else {})}
     job = AdoptJob(out, found, Adoption(src, out, job_mode, store_info), layout, float(bound), backend="threads",
                    workers=max(1, workers), cluster=Cluster(), splits=Path(splits) if splits else None,
-                   progress=progress, command=command or f"run_adopt({src} -> {out}) in {shlex.join(sys.argv)}")
+                   progress=progress, notes=notes, command=command or f"run_adopt({src} -> {out}) in {shlex.join(sys.argv)}")
     return job.run()

@@ -140,15 +140,42 @@ class Found:
     problem: str | None = None
 
 
-def _class_id(rel: str, class_regex: re.Pattern | None) -> str:
-    """The video id: `rel`, or for a flat name with --class-regex, <class>/<name>."""
-    if class_regex is None or "/" in rel:
-        return rel
-    m = class_regex.search(rel)
-    if not m:
-        raise Odd(f"{rel} does not match --class-regex {class_regex.pattern!r}, so its class is unknown")
-    cls = m.groupdict().get("class") or (m.group(1) if m.groups() else m.group(0))
-    return f"{cls}/{rel}"
+# UCF-101 video names carry their class: v_<Class>_g<group>_c<clip>.
+UCF_NAME = re.compile(r"^v_(?P<class>[A-Za-z0-9]+)_g\d+_c\d+$")
+NO_CLASS = "has no class folder"  # the start of a flat video's problem when its class is unknown
+
+
+class Classes:
+    """The class of each video folder: its first folder when it has one (<class>/<video>); for a
+    flat name, the group 'class' (else 1) of --class-regex, else the class its split files list
+    it under (--splits), else the class a UCF-101 name carries (v_Class_g01_c01)."""
+
+    def __init__(self, regex: re.Pattern | None = None, by_name: dict[str, str] | None = None, infer: bool = True):
+        self.regex, self.by_name, self.infer = regex, by_name or {}, infer
+        self.inferred: dict[str, int] = {}  # how -> flat names it gave a class
+
+    def _from(self, how: str, cls: str, rel: str) -> str:
+        self.inferred[how] = self.inferred.get(how, 0) + 1
+        return f"{cls}/{rel}"
+
+    def id_of(self, rel: str) -> str:
+        """The video id of the folder `rel` (its path inside the scanned root)."""
+        if "/" in rel or not self.infer:
+            return rel
+        if self.regex is not None:
+            m = self.regex.search(rel)
+            if not m:
+                raise Odd(f"{rel} does not match --class-regex {self.regex.pattern!r}, so its class is unknown")
+            cls = m.groupdict().get("class") or (m.group(1) if m.groups() else m.group(0))
+            return self._from(f"--class-regex {self.regex.pattern!r}", cls, rel)
+        if rel in self.by_name:
+            return self._from("the --splits files", self.by_name[rel], rel)
+        m = UCF_NAME.match(rel)
+        if m:
+            return self._from("their UCF-101 names (v_<Class>_gNN_cNN)", m["class"], rel)
+        why = "is in none of the --splits files" if self.by_name else "names no class the way UCF-101 names do"
+        raise Odd(f"{rel} {NO_CLASS} and {why}: give --class-regex (the class's part of the name) or --splits "
+                  "(the dataset's split files, which list each video under its class)")
 
 
 def _walk(root: Path, skip: Path | None) -> list[tuple[str, Path]]:
@@ -163,12 +190,12 @@ def _walk(root: Path, skip: Path | None) -> list[tuple[str, Path]]:
     return found
 
 
-def scan_rawframes(src: Path, skip: Path | None = None, class_regex: re.Pattern | None = None) -> list[Found]:
+def scan_rawframes(src: Path, skip: Path | None = None, classes: Classes = Classes()) -> list[Found]:
     videos = []
     for rel, folder in _walk(src, skip):
         found = Found(rel, "rawframes", folder)
         try:
-            found.video_id = _class_id(rel, class_regex)
+            found.video_id = classes.id_of(rel)
             groups = numbered(folder)
             for (prefix, ext), seq in sorted(groups.items()):
                 kind = PREFIXES.get(prefix)
@@ -195,13 +222,13 @@ def _single(folder: Path) -> Frames | None:
     return next(iter(groups.values()), None)
 
 
-def scan_uv(flow_root: Path, rgb_root: Path | None, class_regex: re.Pattern | None = None) -> list[Found]:
+def scan_uv(flow_root: Path, rgb_root: Path | None, classes: Classes = Classes()) -> list[Found]:
     rels = {rel for sub in ("u", "v") for rel, _ in _walk(flow_root / sub, None)}
     videos = []
     for rel in sorted(rels):
         found = Found(rel, "uv", flow_root / "u" / rel)
         try:
-            found.video_id = _class_id(rel, class_regex)
+            found.video_id = classes.id_of(rel)
             for kind, folder in (("flow_x", flow_root / "u" / rel), ("flow_y", flow_root / "v" / rel),
                                  ("img", rgb_root / rel if rgb_root else None)):
                 if folder is None:
@@ -226,3 +253,28 @@ def fits_in_place(found: Found) -> bool:
     return all(seq.prefix == want[kind] and seq.ext == ".jpg" and seq.start == 1 and
                all(seq.names[k] == frame_name(kind, k - 1) for k in seq.names)
                for kind, seq in found.frames.items())
+
+
+def find_uv(src: Path) -> Path | None:
+    """The folder holding u/ and v/ flow folders: SRC itself, or one folder below it (the
+    downloads' tvl1_flow/ beside jpegs_256/); None when there is none (or more than one below)."""
+    def holds(d: Path) -> bool:
+        return (d / "u").is_dir() and (d / "v").is_dir()
+    if holds(src):
+        return src
+    below = [d for d in sorted(src.iterdir()) if d.is_dir() and not d.name.startswith(".") and holds(d)]
+    return below[0] if len(below) == 1 else None
+
+
+def find_rgb_beside(src: Path, flow_root: Path) -> Path | None:
+    """The folder of RGB frame folders beside a u/ v/ flow root (jpegs_256/ beside tvl1_flow/):
+    the sibling that holds most of the flow's video folders by name (None: no sibling holds any)."""
+    names = {d.name for d in (flow_root / "u").iterdir() if d.is_dir()}
+    best, overlap = None, 0
+    for d in sorted(src.iterdir()):
+        if d == flow_root or not d.is_dir() or d.name.startswith("."):
+            continue
+        n = len(names & {e.name for e in d.iterdir() if e.is_dir()})
+        if n > overlap:
+            best, overlap = d, n
+    return best

@@ -24,14 +24,14 @@ import cv2
 
 from core.ids import video_class
 from flowprep import faults
-from flowprep.extract_options import ExtractOptions
+from flowprep.extract_options import FREE_ON_RESUME, ExtractOptions
 from flowprep.flow import FlowSpec, make_flow_batch, set_single_thread
 from flowprep.job import record
 from flowprep.quant import quantize
 from flowprep.store import Store, open_backward_writer, open_writer, video_path
 from flowprep.store_base import encode_jpeg
 from flowprep.store_files import STOP_ERRNOS, os_error_sentence
-from flowprep.video import VideoError, probe, read_frames
+from flowprep.video import VideoError, fingerprint, probe, read_frames
 
 
 def _failure(e: Exception, store_root: str | Path) -> tuple[str, str | None]:
@@ -54,6 +54,13 @@ def _flow_batch(flow: FlowSpec, service) -> tuple:
     return make_flow_batch(flow)
 
 
+def _engine(flow_batch, flow: FlowSpec) -> str:
+    """What computed a video's flow (the manifest's "engine"): the fused engine, OpenCV (and why,
+    where it stood in for the fused one), or the torch port."""
+    used = getattr(flow_batch, "engine_used", None)
+    return used() if used else flow.engine
+
+
 def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: ExtractOptions,
                   flow: FlowSpec | None = None, service=None) -> dict:
     """Extract one video into the store; returns its manifest record (status "ok", "partial" or "failed").
@@ -69,6 +76,7 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
     writer = None
     try:
         info = probe(src)
+        source_fingerprint = fingerprint(src)  # so a resumed job notices a replaced or grown source
         flow_batch, batch = _flow_batch(flow, service)
         writer = open_writer(opts.format, store_root, video_id, opts.jpeg_quality, opts.flow_codec)
         both = opts.direction == "both"
@@ -106,15 +114,16 @@ def extract_video(src: str | Path, store_root: str | Path, video_id: str, opts: 
         flush()
         size = [frame.shape[1], frame.shape[0]]  # read_frames yields at least 2 frames or raises
         warning = frames.describe() if frames.partial else None
-        meta = dict(opts.store_info(flow), id=video_id, label=video_class(video_id), source=str(src.resolve()),
+        # What the video is, not which engine made it (both give these bytes): the manifest says that.
+        meta = dict({k: v for k, v in opts.store_info(flow).items() if k not in FREE_ON_RESUME}, id=video_id, label=video_class(video_id), source=str(src.resolve()),
                     fps=info.fps, source_frames=info.frames, source_size=[info.width, info.height],
                     size=size, declared_frames=frames.declared, decoded_frames=frames.decoded,
-                    partial=frames.partial, warning=warning)
+                    partial=frames.partial, warning=warning, source_fingerprint=source_fingerprint)
         writer.commit(meta)
         return record(video_id, src, frames=writer.frames, flows=writer.flows, size=size,
                       seconds=time.perf_counter() - t0, status="partial" if frames.partial else "ok",
                       warning=warning, bflows=writer.bflows, declared_frames=frames.declared,
-                      decoded_frames=frames.decoded)
+                      decoded_frames=frames.decoded, engine=_engine(flow_batch, flow))
     except BaseException as e:
         if writer is not None:
             writer.abort()
@@ -182,7 +191,8 @@ def add_backward(src: str | Path, store_root: str | Path, video_id: str, opts: E
         return record(video_id, src, frames=stored["frames"], flows=stored["flows"], size=stored.get("size"),
                       seconds=time.perf_counter() - t0, status="partial" if stored.get("partial") else "ok",
                       warning=stored.get("warning"), bflows=writer.bflows,
-                      declared_frames=stored.get("declared_frames"), decoded_frames=stored.get("decoded_frames"))
+                      declared_frames=stored.get("declared_frames"), decoded_frames=stored.get("decoded_frames"),
+                      engine=_engine(flow_batch, flow))
     except BaseException as e:
         if writer is not None:
             writer.abort()

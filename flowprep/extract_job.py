@@ -30,6 +30,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -38,15 +39,17 @@ from core.layout import LISTING_KEYS
 from core.splits import SplitsError, read_splits
 from flowprep.distribute import BACKENDS, Cluster, local_cores
 from flowprep.extract import add_backward, extract_video
-from flowprep.extract_options import ExtractOptions
+from flowprep.extract_options import FREE_ON_RESUME, ExtractOptions
 from flowprep.flow import FlowSpec, check_device
 from flowprep.job import JobError, StoreJob, Summary, log
 from flowprep.store import Store, video_path
 from flowprep.store_files import read_findings, store_direction, write_findings
-from flowprep.video import scan_videos
+from flowprep.video import scan_videos, source_changed
 
 # The command that turns a main-modules OpenCV into the contrib build TV-L1 on the CPU needs.
 CONTRIB_FIX = "pip uninstall opencv-python opencv-python-headless && pip install opencv-contrib-python-headless"
+# The fewest threads worth giving one video's flow (rows of a pair in parallel; see for_submission).
+TAIL_MIN_THREADS = 4
 # Parameters added after the first stores were made: what a store.json without them means.
 PARAM_DEFAULTS = {"direction": "forward", "flow_codec": "jpeg"}
 
@@ -69,7 +72,9 @@ class ExtractJob(StoreJob):
         super().__init__(out, videos, **kw)
         self.opts, self.overwrite, self.repair = opts, overwrite, repair
         self.flow = flow  # resolved once, for every task
+        self.what = f"{flow.algo}{' ' + flow.preset if flow.preset else ''}, {flow.engine} engine"
         self.findings: dict[str, str] = {}
+        self.changed: dict[str, str] = {}  # whole stored videos whose source changed since: redone
 
     def store_info(self, old: dict) -> dict:
         """The store's parameters (store.json); JobError when they differ from what is asked.
@@ -84,7 +89,8 @@ class ExtractJob(StoreJob):
         if old.get("adopted_from") and not self.overwrite:
             raise JobError(f"{out} was made by `flowprep adopt` from {old['adopted_from']}, not extracted: its "
                            "parameters are unknown, so extracted videos cannot join it; use another --out")
-        params = {**PARAM_DEFAULTS, **{k: v for k, v in old.items() if k not in LISTING_KEYS}}
+        params = {**PARAM_DEFAULTS, **{k: v for k, v in old.items() if k not in LISTING_KEYS + FREE_ON_RESUME}}
+        info = {k: v for k, v in info.items() if k not in FREE_ON_RESUME}
         if store_direction(params) == "both" and info["direction"] == "forward" and not self.overwrite:
             raise JobError(f"{out} holds backward flows too (direction both); resume it with --direction both, or "
                            "use --overwrite to redo every video forward only")
@@ -95,7 +101,7 @@ class ExtractJob(StoreJob):
                              for k in sorted(set(params) | set(info)) if params.get(k) != info.get(k))
             raise JobError(f"{out} was extracted with different parameters ({diff}); use the same options to "
                            "resume, another --out, or --overwrite to redo every video")
-        return info
+        return self.opts.store_info(self.flow)
 
     def prepare(self, store: Store, manifest: dict[str, dict]) -> None:
         self.findings = read_findings(self.out)
@@ -113,13 +119,42 @@ class ExtractJob(StoreJob):
 
     def plan(self, store: Store, video_id: str, source: str) -> tuple | None:
         fresh = not self.overwrite and video_id not in self.findings
-        if fresh and store.check(video_id) is None:
-            return None
         args = (str(source), str(self.out), video_id, self.opts, self.flow)
+        if fresh and store.check(video_id) is None:
+            with store.open(video_id) as v:
+                changed = source_changed(v.meta.get("source_fingerprint"), source)
+            if changed is None:
+                return None
+            self.changed[video_id] = changed
+            return extract_video, args
         if fresh and self.opts.direction == "both" and store.needs_backward(video_id):
             self.upgrades.add(video_id)
             return add_backward, args
         return extract_video, args
+
+    def before_run(self, todo: int) -> None:
+        """The fused engine's kernels compiled once here, into numba's on-disk cache, so that the
+        workers (other processes of this machine) load them instead of each compiling its own."""
+        if self.flow.engine == "fused":
+            from flowprep.tvl1_fused import warm_up
+
+            seconds = warm_up()
+            if self.progress:
+                log.info(f"flowprep: fused TV-L1 engine ready in {seconds:.1f} s (compiled once, cached for the "
+                         "workers)")
+
+    def for_submission(self, task: tuple, remaining: int, in_flight: int) -> tuple:
+        """The last videos of a job (or all of them with fewer workers than cores) get the idle
+        cores: the fused engine computes each pair's rows in parallel, to the same bits. Only with
+        TAIL_MIN_THREADS or more cores to give: on fewer, threads cost more than they bring."""
+        work, args = task
+        if self.flow.engine != "fused" or self.cluster.address:
+            return task
+        free = local_cores() - in_flight
+        threads = free // max(1, min(self.workers or free, remaining))
+        if threads < TAIL_MIN_THREADS:
+            return task
+        return work, (*args[:4], replace(self.flow, threads=threads), *args[5:])
 
     def record_extra(self, meta: dict) -> dict:
         return {"declared_frames": meta.get("declared_frames"), "decoded_frames": meta.get("decoded_frames")}
@@ -142,6 +177,10 @@ class ExtractJob(StoreJob):
 
     def finish(self, store: Store) -> None:
         write_findings(self.out, self.findings)
+        if self.changed:
+            shown = "".join(f"\n    {vid}: {why}" for vid, why in sorted(self.changed.items())[:20])
+            self.summary.notes.append(f"{len(self.changed)} stored video(s) redone: their source changed since "
+                                      f"they were extracted{shown}")
         super().finish(store)
 
 
@@ -158,7 +197,7 @@ def _check_opencv(opts: ExtractOptions) -> None:
 
 def run_extract(videos: str | Path, out: str | Path, opts: ExtractOptions = ExtractOptions(), *,
                 list_file: str | Path | None = None, workers: int = 0, backend: str = "ray",
-                address: str | None = None, overwrite: bool = False, repair: bool = False,
+                address: str | None = None, node_timeout: float = 600.0, overwrite: bool = False, repair: bool = False,
                 splits: str | Path | None = None, progress: bool = True, command: str | None = None) -> Summary:
     """Extract every video under `videos` (or those in `list_file`) into the store `out`.
 
@@ -167,6 +206,8 @@ def run_extract(videos: str | Path, out: str | Path, opts: ExtractOptions = Extr
     says so); on a cluster, `workers` is the number of tasks in flight.
     backend: "ray" (local cluster, or the existing one at `address`: "auto" or "ray://host:port";
     every node must see `videos` and `out` at the same paths) or "joblib" (this machine).
+    node_timeout: Ray: seconds in which no node could run the remaining videos (nodes lost) after
+    which the job stops as after Ctrl-C (finished videos kept; the summary's exit status is 2).
     Resumes: videos already complete in the store are skipped unless `overwrite`, or flagged by
     the last `flowprep verify`; `repair` runs verify's full pass first and redoes what it finds.
     splits: a UCF-101 / HMDB-51 split folder: labels from its class index, lists per split.
@@ -215,7 +256,8 @@ def run_extract(videos: str | Path, out: str | Path, opts: ExtractOptions = Extr
 
             workers = max(1, torch.cuda.device_count())
     flow = opts.flow_spec()
-    cluster = Cluster(store=out, address=address, actors=_services(flow) if flow.device != "cpu" else None)
+    cluster = Cluster(store=out, address=address, actors=_services(flow) if flow.device != "cpu" else None,
+                      node_timeout=node_timeout, report=log.warning)
     job = ExtractJob(out, found, opts, flow, overwrite=overwrite, repair=repair, backend=backend, workers=workers,
                      cluster=cluster, splits=splits, progress=progress, notes=notes,
                      command=command or f"run_extract({videos} -> {out}) in {shlex.join(sys.argv)}")

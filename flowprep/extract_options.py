@@ -10,7 +10,7 @@ import cv2
 from core.layout import DIRECTIONS, FLOW_CODECS, FORMATS
 from core.schema import ConfigError, Key, Options, Section, boolean, integer, number, optional, size, string
 from flowprep.distribute import BACKENDS
-from flowprep.flow import ALGORITHMS, ALGOS, DEVICE_HELP, PRESET_NAMES, FlowSpec, flow_spec, resolve_preset
+from flowprep.flow import ALGORITHMS, ALGOS, DEVICE_HELP, ENGINES, PRESET_NAMES, FlowSpec, flow_spec, resolve_preset
 from flowprep.presets import TVL1_PRESETS
 from flowprep.quant import DEFAULT_BOUND
 
@@ -66,10 +66,16 @@ STORE_KEYS = {
                       "JPEG; --format jpeg allows jpeg only.", choices=FLOW_CODECS),
     "max_frames": Key(None, "Only the first N kept frames of each video (quick trials of a pipeline).",
                       optional(integer), min=2, metavar="N"),
-    "device": Key("cpu", "cpu: OpenCV TV-L1, one core per worker; cuda (or cuda:N): batched torch TV-L1, one "
-                  "worker per GPU; torch-cpu: the torch TV-L1 on the CPU (to compare it with OpenCV).",
+    "device": Key("cpu", "cpu: TV-L1 of OpenCV (see --engine), one core per worker; cuda (or cuda:N): batched "
+                  "torch TV-L1, one worker per GPU; torch-cpu: the torch TV-L1 on the CPU (to compare it with OpenCV).",
                   metavar=DEVICE_HELP.replace(" ", "")),
+    "engine": Key("fused", "TV-L1 on the CPU: fused (OpenCV's flow bit for bit from a fused, compiled inner loop, "
+                  "several times faster) or opencv (OpenCV's own). The two give the same store, so a store started "
+                  "with one resumes with the other; where the fused engine cannot match OpenCV bit for bit (another "
+                  "OpenCV build or CPU family), OpenCV computes the video and the manifest says so.", choices=ENGINES),
 }
+# Recorded with the store (store.json) but free to change on resume: the same store comes out.
+FREE_ON_RESUME = ("engine",)
 # How to run the job: not part of the store.
 JOB_KEYS = {
     "backend": Key("ray", "ray: a local Ray cluster, or the one at --address; joblib: processes on this machine.",
@@ -79,6 +85,9 @@ JOB_KEYS = {
                    "the number of tasks in flight.", integer, min=0, flags=("--workers", "-j")),
     "address": Key(None, "Existing Ray cluster: 'auto' or 'ray://HOST:PORT'. Every node must see --videos and "
                    "--out at the same paths.", optional(string)),
+    "node_timeout": Key(600.0, "Ray: give up after this many seconds in which no node could run the remaining "
+                        "videos (nodes lost, none with free CPUs): the job stops as after Ctrl-C, finished videos "
+                        "kept, exit status 2. While it waits it says what for.", number, above=0, metavar="SECONDS"),
 }
 EXTRACT = Section("extract", {**STORE_KEYS, **JOB_KEYS}, _check_extract,
                   "flowprep extract: what a store holds and how the job runs.")
@@ -91,7 +100,7 @@ class ExtractOptions(Options):
 
     def flow_spec(self) -> FlowSpec:
         """The flow these options compute (a job resolves it once and hands it to its tasks)."""
-        return flow_spec(self.algo, self.preset, self.device)
+        return flow_spec(self.algo, self.preset, self.device, self.engine)
 
     def store_info(self, flow: FlowSpec | None = None) -> dict:
         """Parameters recorded in OUT/store.json (and every video's meta); a resumed job must match them.
@@ -104,6 +113,6 @@ class ExtractOptions(Options):
             "algo": flow.algo, "preset": flow.preset, "params": dict(flow.params), "rgb": self.rgb,
             "max_frames": self.max_frames, "direction": self.direction, "flow_codec": self.flow_codec,
             # OpenCV TV-L1 and the torch port agree closely but not bit for bit.
-            "implementation": flow.implementation,
+            "implementation": flow.implementation, "engine": flow.engine,
             "opencv": cv2.__version__,
         }

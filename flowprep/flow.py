@@ -8,7 +8,9 @@ next(y + dy, x + dx)), for lists of pairs, so the extraction loop does not chang
 
 Algorithms (OpenCV contrib, one core each):
 - tvl1       cv2.optflow.DualTVL1OpticalFlow (denseflow's and the paper's); presets accurate (OpenCV's
-             defaults) and fast (flowprep/presets.py). On a GPU, the batched torch port (tvl1_torch.py).
+             defaults) and fast (flowprep/presets.py). On the CPU two engines compute it, bit for bit
+             the same flow: `fused` (flowprep/tvl1_fused.py, several times faster; the default) and
+             `opencv` (OpenCV's own). On a GPU, the batched torch port (tvl1_torch.py).
 - farneback  cv2.calcOpticalFlowFarneback with OpenCV's sample settings.
 - dis        cv2.DISOpticalFlow (Kroeger et al. 2016), presets ultrafast, fast, medium.
 - deepflow   cv2.optflow.createOptFlow_DeepFlow (Weinzaepfel et al. 2013), OpenCV's defaults.
@@ -35,6 +37,8 @@ BatchFlowFn = Callable[[list, list], list]
 # worth of frames to stream through without holding the video in memory.
 GPU_BATCH = 32
 DEVICE_HELP = "cpu | cuda | cuda:N | torch-cpu"
+# TV-L1 on the CPU: the fused engine (OpenCV's flow bit for bit, several times faster) or OpenCV's own.
+ENGINES = ("fused", "opencv")
 
 
 @dataclass(frozen=True)
@@ -170,24 +174,32 @@ def check_device(algo: str, device: str) -> None:
 @dataclass(frozen=True)
 class FlowSpec:
     """A flow computation resolved once per job: algorithm, preset (None for algorithms without
-    presets), the parameters they mean, and the device that computes it. Picklable: it travels
-    to the workers, which build their function from it (`make_flow_batch`)."""
+    presets), the parameters they mean, the device and engine that compute it, and how many
+    threads one task's flow may use (not part of what is computed). Picklable: it travels to the
+    workers, which build their function from it (`make_flow_batch`)."""
 
     algo: str
     preset: str | None
     params: dict = field(compare=True, hash=False)
     device: str = "cpu"
+    engine: str = "opencv"  # "fused" (TV-L1 on the CPU), "opencv", or "torch" (off the CPU)
+    threads: int = field(default=1, compare=False)
 
     @property
     def implementation(self) -> str:
-        """What computes it: OpenCV on the CPU, else the torch port (close to it, not bit for bit)."""
+        """Whose flow it is: OpenCV's (either CPU engine: the same bits), or the torch port's
+        (close to OpenCV's, not bit for bit)."""
         return "opencv" if self.device == "cpu" else "torch"
 
 
-def flow_spec(algo: str = "tvl1", preset: str | None = None, device: str = "cpu") -> FlowSpec:
-    """Resolve (algo, preset, device) once; ValueError naming a wrong algorithm or preset."""
+def flow_spec(algo: str = "tvl1", preset: str | None = None, device: str = "cpu", engine: str = "fused") -> FlowSpec:
+    """Resolve (algo, preset, device, engine) once; ValueError naming a wrong algorithm, preset or
+    engine. The engine is what runs TV-L1 on the CPU; other algorithms and devices have one each."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     name = resolve_preset(algo, preset)
-    return FlowSpec(algo, name if ALGORITHMS[algo].has_presets else None, flow_params(algo, name), device)
+    engine = "torch" if device != "cpu" else engine if algo == "tvl1" else "opencv"
+    return FlowSpec(algo, name if ALGORITHMS[algo].has_presets else None, flow_params(algo, name), device, engine)
 
 
 def make_flow(algo: str = "tvl1", preset: str | None = None) -> FlowFn:
@@ -195,17 +207,55 @@ def make_flow(algo: str = "tvl1", preset: str | None = None) -> FlowFn:
     return ALGORITHMS[algo].make(flow_params(algo, preset))
 
 
+class FusedOrOpenCV:
+    """TV-L1 on the CPU by the fused engine, frame size by frame size: where it cannot give
+    OpenCV's flow bit for bit (`tvl1_fused.unsupported`: another machine, OpenCV build, a frame
+    too small), OpenCV's own computes it and `fallbacks` says why, for the manifest."""
+
+    def __init__(self, params: dict, threads: int = 1):
+        self.params, self.threads = params, threads
+        self.by_size: dict[tuple[int, int], FlowFn] = {}
+        self.fallbacks: dict[tuple[int, int], str] = {}
+
+    def __call__(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        fn = self.by_size.get(prev.shape)
+        if fn is None:
+            from flowprep import tvl1_fused
+
+            why = tvl1_fused.unsupported(self.params, prev.shape)
+            if why is None:
+                fn = tvl1_fused.FusedTVL1(self.params, threads=self.threads).calc
+            else:
+                self.fallbacks[prev.shape] = why
+                fn = _make_tvl1(self.params)
+            self.by_size[prev.shape] = fn
+        return fn(prev, nxt)
+
+    def engine_used(self) -> str:
+        """What computed the flow so far: "fused", or OpenCV and why."""
+        if not self.fallbacks:
+            return "fused"
+        return "opencv (fused engine not bit-identical here: " + "; ".join(sorted(set(self.fallbacks.values()))) + ")"
+
+
 def make_flow_batch(spec: FlowSpec) -> tuple[BatchFlowFn, int]:
     """(function(prevs, nexts) -> flows, preferred batch size) for lists of grayscale frame pairs.
 
-    On CPU pairs go one by one through OpenCV (one core per worker; parallelism is across videos).
-    On a GPU ('cuda', 'cuda:N') pairs are solved together by the batched torch TV-L1 (flowprep/tvl1_torch.py);
-    'torch-cpu' runs that implementation on the CPU (slow; for checking it where there is no GPU).
+    On CPU pairs go one by one (one core per worker; parallelism is across videos), through the
+    fused TV-L1 engine or OpenCV. The function's `engine_used()` says which computed them. On a
+    GPU ('cuda', 'cuda:N') pairs are solved together by the batched torch TV-L1
+    (flowprep/tvl1_torch.py); 'torch-cpu' runs that implementation on the CPU (slow; for checking
+    it where there is no GPU).
     """
     check_device(spec.algo, spec.device)
     if spec.device == "cpu":
-        one = ALGORITHMS[spec.algo].make(spec.params)
-        return (lambda prevs, nexts: [one(a, b) for a, b in zip(prevs, nexts)]), 1
+        one = FusedOrOpenCV(spec.params, spec.threads) if spec.engine == "fused" else \
+            ALGORITHMS[spec.algo].make(spec.params)
+
+        def run(prevs: list, nexts: list) -> list:
+            return [one(a, b) for a, b in zip(prevs, nexts)]
+        run.engine_used = one.engine_used if spec.engine == "fused" else (lambda: spec.engine)
+        return run, 1
     import torch
 
     from flowprep.tvl1_torch import tvl1
@@ -222,6 +272,7 @@ def make_flow_batch(spec: FlowSpec) -> tuple[BatchFlowFn, int]:
         b = torch.from_numpy(np.stack(nexts)).to(device, non_blocking=True)
         return list(tvl1(a, b, **spec.params).permute(0, 2, 3, 1).cpu().numpy())
 
+    run.engine_used = lambda: "torch"
     return run, GPU_BATCH
 
 

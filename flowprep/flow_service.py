@@ -80,6 +80,7 @@ def service_flow_batch(service):
     def run(prevs: list, nexts: list) -> list:
         return ray.get(service.flow.remote(np.stack(prevs), np.stack(nexts)))
 
+    run.engine_used = lambda: "torch"
     return run, GPU_BATCH
 
 

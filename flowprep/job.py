@@ -34,7 +34,8 @@ from core.layout import DONE, LISTING_KEYS, STORE_INFO
 from core.progress import Progress
 from core.splits import Labels, SplitsError, read_splits, sorted_labels
 from flowprep import faults
-from flowprep.distribute import DISTRIBUTORS, Cluster, TaskLost
+from flowprep.distribute import Cluster, TaskLost, run_joblib, run_threads
+from flowprep.distribute_ray import NodesLost, run_ray
 from flowprep.lists import write_list_file, write_lists
 from flowprep.lock import StoreLock, StoreLocked
 from flowprep.store import Store
@@ -44,8 +45,24 @@ from flowprep.store_files import (STOP_ERRNOS, add_expected, append_manifest, os
 
 log = logging.getLogger("flowprep")
 
+# The distributors by name: one function per engine, one signature (flowprep/distribute.py).
+DISTRIBUTORS = {"ray": run_ray, "joblib": run_joblib, "threads": run_threads}
 # Below this much free space on the store's disk the job does not start.
 MIN_FREE_BYTES = 64 << 20
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the job; `summary` says what it had done (kept in the store)."""
+
+    def __init__(self, summary: "Summary"):
+        super().__init__()
+        self.summary = summary
+
+    def sentence(self) -> str:
+        s = self.summary
+        kept = sum(r.get("status") in DONE for r in read_manifest(s.out).values()) if s.out.is_dir() else 0
+        return (f"stopped; {len(s.done) + len(s.upgraded)} videos were finished by this run and kept, {kept} in all "
+                f"are whole in {s.out}: run the same command again to go on")
 
 
 class JobError(Exception):
@@ -112,12 +129,15 @@ class Summary:
     seconds: float = 0.0
     workers: int = 0
     stopped: str | None = None  # why the job stopped before the end
+    stop_code: int = 1          # its exit status: 1 a video's failure stopped it (a full disk), 2 the cluster
     not_run: int = 0            # videos left undone by a stop
+    retried: int = 0            # videos whose task ran again after its worker or node died
+    lost_nodes: list[dict] = field(default_factory=list)  # Ray nodes that died during the job
     logs: Path | None = None    # Ray's logs, kept because a worker died
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed or self.stopped else 0
+        return self.stop_code if self.stopped else 1 if self.failed else 0
 
     def headline(self) -> str:
         raise NotImplementedError
@@ -127,6 +147,9 @@ class Summary:
     def format(self) -> str:
         lines = [self.headline(), f"store: {self.out}"]
         lines += [f"  note: {n}" for n in self.notes]
+        if self.retried or self.lost_nodes:
+            lines.append(f"  cluster: {self.retried} video(s) ran again after their worker or node died"
+                         + "".join(f"; node {x['id'][:12]} at {x['ip']} lost ({x['reason']})" for x in self.lost_nodes))
         lines += [f"  PARTIAL {vid}: {why}" for vid, why in sorted(self.partial.items())]
         lines += [f"  {self.failed_label} {vid}: {reason}" for vid, reason in sorted(self.failed.items())]
         if self.logs:
@@ -145,6 +168,7 @@ class StoreJob:
 
     summary_class: type[Summary] = Summary
     verb = "process"  # the start line: "M to <verb>"
+    what = ""         # ... and what it makes, e.g. "tvl1 accurate, fused engine"
 
     def __init__(self, out: Path, videos: list[tuple[str, str]], *, command: str, backend: str = "threads",
                  workers: int = 1, cluster: Cluster | None = None, splits: Path | None = None,
@@ -189,6 +213,14 @@ class StoreJob:
         """The record of a video whose task returned none (its worker died on every attempt)."""
         return record(video_id, source, error=reason, **self.record_extra({}))
 
+    def before_run(self, todo: int) -> None:
+        """Anything to do once the videos are planned, before any runs (e.g. compiling kernels once)."""
+
+    def for_submission(self, task: tuple, remaining: int, in_flight: int) -> tuple:
+        """The (work, args) of a task as it is handed to a worker, knowing how many tasks are left
+        (this one included) and running (e.g. more threads for the last videos of a job)."""
+        return task
+
     def account(self, rec: dict, upgrade: bool) -> None:
         """Count a finished record in the summary's amounts."""
 
@@ -214,6 +246,8 @@ class StoreJob:
             self._locked(lock)
         except OSError as e:  # the driver's own writes (manifest, lists) on a full or failing disk
             raise JobError(os_sentence(e, self.out)) from None
+        except KeyboardInterrupt:
+            raise Interrupted(self.summary) from None
         finally:
             lock.release()
         self.summary.seconds = time.perf_counter() - t0
@@ -254,19 +288,28 @@ class StoreJob:
         if self.progress:
             adding = f" ({len(self.upgrades)} of them only to add backward flows)" if self.upgrades else ""
             where = f" on {self.cluster.address}" if self.cluster.address else ""
+            what = f" ({self.what})" if self.what else ""
             log.info(f"flowprep: {len(self.videos)} videos, {len(s.skipped)} already done, {len(todo)} to {self.verb}"
-                     f"{adding} with {self.backend} ({self.workers or 'all'} workers{where}) into {out}")
+                     f"{what}{adding} with {self.backend} ({self.workers or 'all'} workers{where}) into {out}")
             for note in s.notes:
                 log.info(f"note: {note}")
 
+        if todo:
+            self.before_run(len(todo))
         injected = faults.from_env()
-        tasks = ((vid, (work, args, injected)) for vid, (work, args) in todo)
-        results = DISTRIBUTORS[self.backend](run_task, tasks, self.workers, self.cluster) if todo else iter(())
+        counts = {"submitted": 0, "processed": 0}
+
+        def tasks():
+            for i, (vid, task) in enumerate(todo):
+                work, args = self.for_submission(task, len(todo) - i, counts["submitted"] - counts["processed"])
+                counts["submitted"] += 1
+                yield vid, (work, args, injected)
+        results = DISTRIBUTORS[self.backend](run_task, tasks(), self.workers, self.cluster) if todo else iter(())
         t_run, processed = time.perf_counter(), 0
         try:
             with Progress(len(todo), f"{self.verb}ing", unit="videos", show=self.progress) as bar:
                 for vid, result in results:
-                    processed += 1
+                    processed = counts["processed"] = processed + 1
                     rec = self.failed(vid, sources[vid], result.reason) if isinstance(result, TaskLost) else result
                     append_manifest(out, rec)
                     self._count(rec)
@@ -276,13 +319,25 @@ class StoreJob:
                         s.stopped = rec["error"]
                         s.not_run = len(todo) - processed
                         break
+        except NodesLost as e:  # as after Ctrl-C: what finished is kept
+            s.stopped, s.stop_code, s.not_run = str(e), 2, len(todo) - processed
         finally:
             close = getattr(results, "close", None)
             if close:
                 close()  # stops the workers of a stopped job; shuts down a local Ray cluster
         s.logs = self.cluster.logs
+        s.retried, s.lost_nodes = self.cluster.stats.retried_tasks, list(self.cluster.stats.lost_nodes)
         self.clean()  # partial copies of videos whose worker was killed and retried
         self.finish(store)
+        append_manifest(out, self._job_record(len(todo), processed))
+
+    def _job_record(self, todo: int, processed: int) -> dict:
+        """The manifest's line for the job as a whole (id null: no video's), after its videos' lines."""
+        s = self.summary
+        return {"id": None, "job": self.verb, "videos": s.total, "to_do": todo, "done": len(s.done) + len(s.upgraded),
+                "skipped": len(s.skipped), "failed": len(s.failed), "not_run": s.not_run, "stopped": s.stopped,
+                "backend": self.backend, "workers": self.workers, "retried_tasks": s.retried,
+                "lost_nodes": s.lost_nodes}
 
     def _count(self, rec: dict) -> None:
         s, vid = self.summary, rec["id"]
@@ -313,12 +368,13 @@ class StoreJob:
         labels = self.labels(records)
         write_list_file(self.out, records, labels.index)
         rgb = self.has_rgb(store, records)
-        self.summary.notes += write_lists(self.out, records, labels, rgb=rgb)
-        listing = {"labels_from": labels.source, "classes": labels.classes}
+        info = read_store_info(self.out)
+        lists, notes = write_lists(self.out, records, labels, rgb=rgb, previous=info.get("lists") or ())
+        self.summary.notes += notes
+        listing = {"labels_from": labels.source, "classes": labels.classes, "lists": lists}
         if labels.folder:
             listing["splits"] = labels.folder
         if store.mmaction2:
             listing["mmaction2"] = store.mmaction2
-        info = read_store_info(self.out)
         write_store_info(self.out, {**{k: v for k, v in info.items() if k not in LISTING_KEYS}, "rgb": rgb,
                                     **listing})

@@ -63,7 +63,8 @@ def append_manifest(root: str | Path, record: dict) -> None:
 
 
 def read_manifest(root: str | Path) -> dict[str, dict]:
-    """Latest manifest record per video id (a resumed job appends newer records)."""
+    """Latest manifest record per video id (a resumed job appends newer records); the jobs' own
+    lines (id null: what a job did as a whole) are left out."""
     path = Path(root) / MANIFEST
     records: dict[str, dict] = {}
     if path.is_file():
@@ -73,7 +74,8 @@ def read_manifest(root: str | Path) -> dict[str, dict]:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash mid-write: the video is re-checked anyway
-                records[rec["id"]] = rec
+                if isinstance(rec, dict) and rec.get("id") is not None:
+                    records[rec["id"]] = rec
     return records
 
 

@@ -1,8 +1,10 @@
 """Finding, probing and decoding input videos (OpenCV / FFmpeg), one frame at a time.
 
-Finding (`scan_videos`): a video's id is its path inside --videos without the extension; the id
-names its place in the store, so every id must be a clean relative path (`store.id_problem`: no
-'..', not absolute, no hidden parts, no whitespace). Symbolic links inside --videos are followed
+Finding (`scan_videos`): a video's id is its path inside --videos without the extension, each run
+of whitespace made one '_' (`core.ids.id_from_path`: `IMG 0001.MOV` -> `IMG_0001`; the manifest
+keeps the source path); the id names its place in the store, so every id must be a clean relative
+path (`core.ids.id_problem`: no '..', not absolute, no hidden parts). Files with another extension
+are left out, with a note (an animated .gif). Symbolic links inside --videos are followed
 and may point anywhere (reading is harmless); what makes the id is the path inside --videos, never
 the link's target, so nothing can be written outside the store through a link either. A folder is
 searched once, by real path, so a link loop (`A/self -> .`) or a second name for a folder ends
@@ -27,6 +29,7 @@ usual 340x256); `short_side=N` keeps the aspect ratio.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,7 +39,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from core.ids import id_problem
+from core.ids import id_from_path, id_problem
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".flv", ".wmv", ".m4v")
 # A container that declares N frames but decodes fewer than this share of them is reported as
@@ -235,8 +238,20 @@ class VideoScan:
     notes: list[str] = field(default_factory=list)  # duplicates: "A/self: the same folder as A ..."
 
 
+# Files that are plainly not meant as videos (split lists, notes, metadata): skipped without a note.
+NOT_MEDIA = (".txt", ".json", ".jsonl", ".csv", ".md", ".toml", ".yaml", ".yml", ".xml", ".log", ".py", ".sh")
+
+
 def _is_video(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _skipped_note(skipped: dict[str, int]) -> str:
+    """A note on the files left out for their extension (an animated .gif, stills, unknown
+    containers), so nothing a user meant as a video disappears silently."""
+    shown = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return (f"{sum(skipped.values())} files skipped for their extension ({shown}): flowprep reads "
+            f"{' '.join(VIDEO_EXTENSIONS)}; convert others to one of those (e.g. ffmpeg -i in.gif out.mp4)")
 
 
 def _walk(root: Path, notes: list[str]) -> list[tuple[str, Path, bool]]:
@@ -247,6 +262,7 @@ def _walk(root: Path, notes: list[str]) -> list[tuple[str, Path, bool]]:
     """
     seen: dict[str, str] = {}  # real path -> name inside root it was searched under
     found: list[tuple[str, Path, bool]] = []
+    skipped: dict[str, int] = {}  # extension -> files left out for it
     real_queue: deque[tuple[str, bool]] = deque([("", False)])
     link_queue: deque[tuple[str, bool]] = deque()
     while real_queue or link_queue:
@@ -278,6 +294,12 @@ def _walk(root: Path, notes: list[str]) -> list[tuple[str, Path, bool]]:
                 (link_queue if link else real_queue).append((child, via_link or link))
             elif _is_video(entry.name):
                 found.append((child, Path(entry.path), via_link or entry.is_symlink()))
+            else:
+                ext = os.path.splitext(entry.name)[1].lower()
+                if ext not in NOT_MEDIA:
+                    skipped[ext] = skipped.get(ext, 0) + 1
+    if skipped:
+        notes.append(_skipped_note(skipped))
     return found
 
 
@@ -331,9 +353,9 @@ def scan_videos(root: str | Path, list_file: str | Path | None = None) -> VideoS
         names = list(dict.fromkeys(g[0] for g in group))  # the same line twice is no duplicate
         group = sorted({g[0]: g for g in group}.values(), key=lambda g: (g[2], names.index(g[0])))
         rel, path, _ = group[0]
-        vid = Path(rel).with_suffix("").as_posix()
+        vid = id_from_path(rel)
         for other, _, _ in group[1:]:
-            scan.notes.append(f"{Path(other).with_suffix('').as_posix()}: the same file as {vid}; extracted once, "
+            scan.notes.append(f"{id_from_path(other)}: the same file as {vid}; extracted once, "
                               f"as {vid}")
         if vid in videos:
             problems.append(f"{sources[vid]} and {rel} would both get the id {vid!r}; rename one")
@@ -363,3 +385,48 @@ def scan_videos(root: str | Path, list_file: str | Path | None = None) -> VideoS
 def find_videos(root: str | Path, list_file: str | Path | None = None) -> list[tuple[str, Path]]:
     """(video id, path) pairs sorted by id: `scan_videos(...).videos`."""
     return scan_videos(root, list_file).videos
+
+
+# ---------------------------------------------------------------- noticing a changed source
+
+_SAMPLE = 1 << 16  # bytes hashed at each end of a source
+
+
+def fingerprint(path: str | Path) -> dict:
+    """What identifies a source file's content cheaply: size, modification time, and a SHA-1 of
+    its first and last 64 KiB (recorded with every stored video)."""
+    path = Path(path)
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha1": _sample_hash(path, st.st_size)}
+
+
+def _sample_hash(path: Path, size: int) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        h.update(f.read(_SAMPLE))
+        if size > _SAMPLE:
+            f.seek(max(_SAMPLE, size - _SAMPLE))
+            h.update(f.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def source_changed(recorded: dict | None, path: str | Path) -> str | None:
+    """Why the source at `path` is not the one a stored video was made from (None: the same, or
+    not known: a store from before fingerprints were kept). Size first; when only the time
+    differs (a copy, a touch), the sampled bytes decide, so a copied dataset is not redone."""
+    if not recorded:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None  # a missing source fails its own way when it is redone; here it is not our concern
+    if st.st_size != recorded.get("size"):
+        return f"its source now has {st.st_size} bytes, {recorded.get('size')} when it was extracted"
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return None
+    try:
+        if _sample_hash(Path(path), st.st_size) != recorded.get("sample_sha1"):
+            return "its source's content changed since it was extracted (same size, other bytes)"
+    except OSError:
+        return None
+    return None

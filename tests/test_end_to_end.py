@@ -74,3 +74,7 @@ def test_synth_extract_train_fuse_predict_export(tmp_path):
             x, ck["flow_length"], ck["mean_subtraction"]))
         assert torch.allclose(ts(x), ref, atol=1e-4)
         assert info["class_names"] == ck["class_names"] and info["input"] == ck["input"]
+        # Which input sizes each file takes is said, not left to be found out (ONNX: any, for a ResNet)
+        assert info["input_size"]["onnx"] == "any H x W (dynamic axes)" and "any H x W" in info["input_size"]["torchscript"]
+        big = torch.randint(0, 256, (1, info["channels"], info["crop_size"] + 16, info["crop_size"] + 8), dtype=torch.uint8)
+        assert ts(big).shape == (1, len(ck["class_names"]))

@@ -88,7 +88,7 @@ def test_denseflow_rawframes_adopted_by_hard_links_and_the_trainer_trains_on_the
     rec = read_manifest(out)[CUT]
     assert (rec["status"], rec["frames"], rec["flows"], rec["layout"]) == ("partial", 6, 5, "rawframes")
     assert f"{CUT} 6 1" in (out / "videos.txt").read_text()
-    assert f"{CUT} 5 1" in (out / "lists" / "flow.txt").read_text()
+    assert f"{CUT} 5 1" in (out / "flow.txt").read_text()
     info = json.loads((out / "store.json").read_text())
     assert info["adopted_from"] == str(src) and info["layout"] == "rawframes" and info["mmaction2"]
 
@@ -109,8 +109,8 @@ def test_store_names_are_adopted_in_place_writing_only_the_store_files(tmp_path)
     assert "4 videos: 4 adopted, 0 odd, 0 already adopted (skipped)" in r.output and "in place" in r.output
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in before} == before
     new = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p not in before and p.is_file())
-    assert new == sorted(["store.json", "manifest.jsonl", "expected.json", "videos.txt", "lists/rgb.txt",
-                          "lists/flow.txt"] + [f"{vid}/meta.json" for vid in written])
+    assert new == sorted(["store.json", "manifest.jsonl", "expected.json", "videos.txt", "rgb.txt",
+                          "flow.txt"] + [f"{vid}/meta.json" for vid in written])
     store = Store(src)
     with store.open("down/v_down_train0") as v:  # 7 img files in the folder, 6 of them stored
         assert (v.num_frames, v.num_flows) == (6, 5) and v.meta["extra_files"] == {"img": 1}
@@ -120,15 +120,15 @@ def test_store_names_are_adopted_in_place_writing_only_the_store_files(tmp_path)
     assert "flow_y" in Store(src).check("up/v_up_train1")
 
 
-def test_uv_layout_with_separate_rgb_folder_and_classes_from_names(tmp_path):
-    root = tmp_path / "ucf"
+def write_uv(root: Path, names=("v_Up_g01_c01", "v_Up_g02_c01", "v_Down_g01_c01", "v_Down_g02_c01")) -> dict:
+    """The well-known download layout: tvl1_flow/{u,v}/<video>/frame000001.jpg beside jpegs_256/<video>/
+    (flat names, no class folders); the last video has no RGB frames (never extracted: odd)."""
     rng = np.random.default_rng(1)
     truth = {}
-    for name, up in (("v_Up_g01_c01", True), ("v_Up_g02_c01", True), ("v_Down_g01_c01", False),
-                     ("v_Down_g02_c01", False)):
-        imgs, flows = toy_video(rng, up, 6)
+    for name in names:
+        imgs, flows = toy_video(rng, "Up" in name, 6)
         for k, im in enumerate(imgs):
-            if name != "v_Down_g02_c01":  # its RGB frames were never extracted: odd
+            if name != names[-1]:
                 (root / "jpegs_256" / name).mkdir(parents=True, exist_ok=True)
                 (root / "jpegs_256" / name / f"frame{k + 1:06d}.jpg").write_bytes(jpg(im))
         for k, q in enumerate(flows):
@@ -136,6 +136,37 @@ def test_uv_layout_with_separate_rgb_folder_and_classes_from_names(tmp_path):
                 (root / "tvl1_flow" / sub / name).mkdir(parents=True, exist_ok=True)
                 (root / "tvl1_flow" / sub / name / f"frame{k + 1:06d}.jpg").write_bytes(jpg(q[..., c]))
         truth[name] = flows
+    return truth
+
+
+def test_uv_download_root_found_one_level_down_with_classes_inferred_or_given(tmp_path):
+    """Pointed at the folder holding tvl1_flow/ and jpegs_256/, adopt finds both; flat UCF-101 names
+    give their class; --class-regex gives another; names with no class stop the job, saying what to give."""
+    root = tmp_path / "ucf"
+    write_uv(root)
+    r = CliRunner().invoke(cli, ["adopt", str(root), "--out", str(tmp_path / "a"), "-j", "2"])
+    assert r.exit_code == 1, r.output  # the video without RGB frames is odd; the other three are adopted
+    assert "4 videos: 3 adopted, 1 odd" in r.output and "ODD Down/v_Down_g02_c01: no frames in" in r.output
+    assert f"u/ and v/ flow folders found in {root / 'tvl1_flow'}" in r.output
+    assert f"RGB frames from {root / 'jpegs_256'}" in r.output and "their UCF-101 names" in r.output
+    assert Store(tmp_path / "a").video_ids() == ["Down/v_Down_g01_c01", "Up/v_Up_g01_c01", "Up/v_Up_g02_c01"]
+    assert json.loads((tmp_path / "a" / "store.json").read_text())["classes"] == ["Down", "Up"]
+
+    r = CliRunner().invoke(cli, ["adopt", str(root), "--out", str(tmp_path / "b"), "--class-regex",
+                                 "v_(?P<class>[A-Z])"])
+    assert r.exit_code == 1 and Store(tmp_path / "b").video_ids() == ["D/v_Down_g01_c01", "U/v_Up_g01_c01",
+                                                                        "U/v_Up_g02_c01"], r.output
+
+    other = tmp_path / "mine"
+    write_uv(other, names=("clip1", "clip2"))
+    r = CliRunner().invoke(cli, ["adopt", str(other), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "none of the 2 video folders has a class" in r.output, r.output
+    assert "give --class-regex" in r.output and "--splits" in r.output and not (tmp_path / "c" / "store.json").exists()
+
+
+def test_uv_layout_with_separate_rgb_folder_and_classes_from_names(tmp_path):
+    root = tmp_path / "ucf"
+    truth = write_uv(root)
     out = tmp_path / "store"
     r = CliRunner().invoke(cli, ["adopt", str(root), "--out", str(out), "--flow-root", "tvl1_flow", "--rgb-root",
                                  "jpegs_256", "--class-regex", "v_([A-Za-z]+)_g", "--bound", "15"])
@@ -151,10 +182,12 @@ def test_uv_layout_with_separate_rgb_folder_and_classes_from_names(tmp_path):
         assert np.array_equal(v.flow(2)[..., 0], src_x)
         assert np.abs(v.flow_stack(0, 5).astype(int) - np.concatenate(truth["v_Up_g02_c01"], -1)).mean() < 3
     assert verify_store(out).failed == {"Down/v_Down_g02_c01": read_manifest(out)["Down/v_Down_g02_c01"]["error"]}
-    # Without --rgb-root: a flow-only store
+    # Without --rgb-root: a flow-only store (classes from the UCF-101 names), whose summary counts no RGB frame
     flow_only = run_adopt(root / "tvl1_flow", tmp_path / "flow-only", progress=False)
     assert len(flow_only.adopted) == 4 and flow_only.layout == "uv"
-    with Store(tmp_path / "flow-only").open("v_Down_g02_c01") as v:
+    assert flow_only.frames == 0 and flow_only.flows == 20 and "0 RGB frames and 20 flows" in flow_only.format()
+    assert verify_store(tmp_path / "flow-only").frames == 0
+    with Store(tmp_path / "flow-only").open("Down/v_Down_g02_c01") as v:
         assert (v.num_frames, v.num_flows, v.has_rgb) == (6, 5, False)
 
 

@@ -98,7 +98,7 @@ def raw_store(tmp_path_factory):
 
 def test_extract_verify_resume_repair_lists_and_show_with_raw_flow(raw_store, tmp_path):
     videos, out, opts = raw_store
-    assert (out / "lists" / "flow.txt").read_text() == "wave/a 5 0\nwave/b 5 0\n"
+    assert (out / "flow.txt").read_text() == "wave/a 5 0\nwave/b 5 0\n"
     report = verify_store(out)
     assert report.problems == {} and report.flows == 2 * 10
     with h5py.File(out / "wave/b.h5", "r+") as f:  # one flow value changed in place: only the checksum sees it

@@ -12,7 +12,7 @@ from collections import namedtuple
 import pytest
 
 import flowprep.job
-from flowprep.distribute import DISTRIBUTORS
+from flowprep.job import DISTRIBUTORS
 from flowprep.faults import EXIT_ENV as TEST_EXIT_ENV
 from flowprep.extract_options import ExtractOptions
 from flowprep.job import record

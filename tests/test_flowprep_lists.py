@@ -48,25 +48,74 @@ def test_labels_follow_classind_not_a_case_sensitive_sort(ucf):
 
 def test_split_lists_per_modality(ucf):
     _, out, ids = ucf
-    train = rows(out / "lists" / "ucf101_rgb_split1_train.txt")
-    test = rows(out / "lists" / "ucf101_flow_split1_test.txt")
-    assert [d for d, _, _ in train] == sorted(v for v in ids if "_g01_" in v)
-    assert [d for d, _, _ in test] == sorted(v for v in ids if "_g02_" in v)
+    train = rows(out / "ucf101_rgb_split1_train.txt")
+    test = rows(out / "ucf101_flow_split1_test.txt")
+    assert [d for d, _, _ in train] == [v for v in ids if "_g01_" in v]  # the split file's order, as MMAction2's
+    assert [d for d, _, _ in test] == [v for v in ids if "_g02_" in v]
     for d, n, lab in train:
         assert n == 4 + lab  # RGB: every frame
     for d, n, lab in test:
         assert n == 4 + lab - 1  # flow: n frames give n-1 flows
-    assert sorted((out / "lists").iterdir()) == sorted(out / "lists" / name for name in [
-        "rgb.txt", "flow.txt", "ucf101_rgb_split1_train.txt", "ucf101_rgb_split1_test.txt",
-        "ucf101_flow_split1_train.txt", "ucf101_flow_split1_test.txt"])
+    lists = ["rgb.txt", "flow.txt", "ucf101_rgb_split1_train.txt", "ucf101_rgb_split1_test.txt",
+             "ucf101_flow_split1_train.txt", "ucf101_flow_split1_test.txt"]
+    assert sorted(p.name for p in out.glob("*.txt")) == sorted(lists + ["videos.txt"])  # at the top, as files
+    assert sorted(json.loads((out / "store.json").read_text())["lists"]) == sorted(lists)
+
+
+def mmaction2_file_lists(root: Path, annotations: Path, split: int = 1) -> tuple[str, str]:
+    """What MMAction2 1.2's `tools/data/build_file_list.py ucf101 ROOT --level 2 --format rawframes`
+    writes for a split (its parse_directory, parse_ucf101_splits and build_file_list, line for line
+    in what they do): every entry two levels below ROOT is taken for a video folder and listed."""
+    import fnmatch
+    import glob
+    import os
+    import os.path as osp
+
+    frame_info = {}
+    for frame_dir in glob.glob(osp.join(root, "*", "*")):
+        lst = os.listdir(frame_dir)  # a file two levels down: NotADirectoryError, as in MMAction2
+        rgb, fx, fy = (len(fnmatch.filter(lst, p + "*")) for p in ("img_", "flow_x_", "flow_y_"))
+        assert fx == fy, frame_dir
+        frame_info[osp.join(osp.basename(osp.dirname(frame_dir)), osp.basename(frame_dir))] = (frame_dir, rgb, fx)
+    with open(annotations / "classInd.txt") as f:
+        class_mapping = {x[1]: int(x[0]) - 1 for x in (line.strip().split() for line in f)}
+
+    def line_to_map(line):
+        items = line.strip().split()
+        video = osp.splitext(items[0])[0]
+        return osp.join(osp.basename(osp.dirname(video)), osp.basename(video)), class_mapping[osp.dirname(items[0])]
+
+    def build(part):
+        with open(annotations / f"{part}list{split:02d}.txt") as f:
+            items = [line_to_map(x) for x in f]
+        return "".join(f"{v} {frame_info[v][1]} {label}\n" for v, label in items
+                       if v in frame_info and frame_info[v][1] > 0)
+    return build("train"), build("test")
+
+
+def test_mmaction2s_own_file_list_tool_reads_the_store_and_writes_our_lists(ucf):
+    """The store is a valid MMAction2 rawframes root as it stands: its file-list tool (glob over
+    STORE/*/*) finds the videos, and the lists it writes are ours byte for byte."""
+    videos, out, _ = ucf
+    train, test = mmaction2_file_lists(out, videos / "ucfTrainTestlist")
+    assert train == (out / "ucf101_rgb_split1_train.txt").read_text() and train.count("\n") == 4
+    assert test == (out / "ucf101_rgb_split1_test.txt").read_text() and test.count("\n") == 4
+    (out / "lists").mkdir()  # where older stores kept their lists: that tool takes it for a class and stops
+    (out / "lists" / "rgb.txt").write_text("")
+    try:
+        with pytest.raises(NotADirectoryError):
+            mmaction2_file_lists(out, videos / "ucfTrainTestlist")
+    finally:
+        (out / "lists" / "rgb.txt").unlink()
+        (out / "lists").rmdir()
 
 
 def test_every_file_mmaction2_would_open_exists(ucf):
     _, out, ids = ucf
     mm = json.loads((out / "store.json").read_text())["mmaction2"]
     assert mm["rgb"]["filename_tmpl"] == "img_{:05}.jpg" and mm["flow"]["filename_tmpl"] == "flow_{}_{:05d}.jpg"
-    flow = rows(out / "lists" / "flow.txt")
-    rgb = rows(out / "lists" / "rgb.txt")
+    flow = rows(out / "flow.txt")
+    rgb = rows(out / "rgb.txt")
     assert len(flow) == len(rgb) == len(ids)
     for (d, n, _), (d2, n2, _) in zip(rgb, flow):
         assert d == d2 and n2 == n - 1
@@ -88,7 +137,7 @@ def test_rerun_without_splits_keeps_the_official_labels(ucf):
     r = cli("extract", "--videos", videos, "--out", out, *FAST)  # the splits folder is recorded in store.json
     assert r.exit_code == 0 and "0 extracted" in r.output, r.output
     assert (out / "videos.txt").read_text() == before
-    assert (out / "lists" / "ucf101_flow_split1_test.txt").is_file()
+    assert (out / "ucf101_flow_split1_test.txt").is_file()
 
 
 def test_without_splits_labels_are_sorted_names(tmp_path):
@@ -97,10 +146,10 @@ def test_without_splits_labels_are_sorted_names(tmp_path):
     out = tmp_path / "out"
     assert cli("extract", "--videos", tmp_path / "v", "--out", out, *FAST).exit_code == 0
     assert (out / "videos.txt").read_text() == "A/y 3 0\nb/x 3 1\n"
-    assert (out / "lists" / "flow.txt").read_text() == "A/y 2 0\nb/x 2 1\n"
+    assert (out / "flow.txt").read_text() == "A/y 2 0\nb/x 2 1\n"
     info = json.loads((out / "store.json").read_text())
     assert info["labels_from"] == "sorted class names" and info["classes"] == ["A", "b"]
-    assert sorted(p.name for p in (out / "lists").iterdir()) == ["flow.txt", "rgb.txt"]
+    assert sorted(p.name for p in out.glob("*.txt")) == ["flow.txt", "rgb.txt", "videos.txt"]
 
 
 def test_hmdb51_split_folder(tmp_path):
@@ -115,9 +164,9 @@ def test_hmdb51_split_folder(tmp_path):
     out = tmp_path / "out"
     r = cli("extract", "--videos", videos, "--out", out, "--splits", splits, *FAST)
     assert r.exit_code == 0, r.output
-    assert rows(out / "lists" / "hmdb51_flow_split1_train.txt") == [("brush_hair/brush_hair_1", 2, 0),
+    assert rows(out / "hmdb51_flow_split1_train.txt") == [("brush_hair/brush_hair_1", 2, 0),
                                                                    ("wave/wave_1", 2, 1)]
-    assert rows(out / "lists" / "hmdb51_rgb_split1_test.txt") == [("brush_hair/brush_hair_2", 3, 0),
+    assert rows(out / "hmdb51_rgb_split1_test.txt") == [("brush_hair/brush_hair_2", 3, 0),
                                                                  ("wave/wave_2", 3, 1)]
 
 

@@ -1,4 +1,4 @@
-"""`python -m trainer ablate`: the paper's grid of cells, each trained once (resumable), with
+"""`python -m twostream ablate`: the paper's grid of cells, each trained once (resumable), with
 cells that cannot run here skipped with the reason."""
 from __future__ import annotations
 

@@ -42,6 +42,48 @@ def test_joint_training_lowers_the_fused_loss_and_is_reported(trained):
 
 
 @pytest.mark.slow
+def test_joint_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(trained, tmp_path, monkeypatch):
+    """Joint training shares the streams' loop (trainer/fit.py): killed two steps into its second
+    epoch and resumed with joint.resume, it ends with the weights and log of a run never killed."""
+    import json
+
+    import trainer.fit as fit_mod
+    from test_trainer_train import FirstSteps
+
+    root, cfg = trained
+    settings = {"fusion": {"methods": ["attention"]}, "joint": {"epochs": 2, "lr": 3e-4, "dropout": 0.5}}
+    straight = validate({**cfg, **settings, "out": str(tmp_path / "a")})
+    cut = validate({**cfg, **settings, "out": str(tmp_path / "b")})
+    for run in (straight, cut):  # the trained streams, copied: each run starts from the same ones
+        for stream in ("spatial", "temporal"):
+            (tmp_path / run["out"] / stream).mkdir(parents=True)
+            for name in ("best.pt", "last.pt", "log.jsonl"):
+                (tmp_path / run["out"] / stream / name).write_bytes((root / "run" / stream / name).read_bytes())
+    train_joint(straight, "attention")
+
+    real = fit_mod.train_one_epoch
+
+    def killed_in_second_epoch(model, criterion, optimizer, scheduler, loader, *a, **kw):
+        if a[1] == 1:  # two steps of epoch 2, then the job dies
+            real(model, criterion, optimizer, scheduler, FirstSteps(loader, 2), *a, **kw)
+            raise KeyboardInterrupt
+        return real(model, criterion, optimizer, scheduler, loader, *a, **kw)
+
+    monkeypatch.setattr(fit_mod, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(cut, "attention")
+    monkeypatch.setattr(fit_mod, "train_one_epoch", real)
+    torch.manual_seed(123)  # a fresh process would not share our RNG state either
+    summary = train_joint(validate({**cut, "joint": {**settings["joint"], "resume": True}}), "attention")
+    assert [r["epoch"] for r in summary["log"]] == [1, 2]
+    a, b = (torch.load(tmp_path / d / "joint_attention" / "last.pt", weights_only=True)["model"] for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[{k: v for k, v in json.loads(x).items() if k != "samples_per_s"}
+             for x in (tmp_path / d / "joint_attention" / "log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert logs[0] == logs[1]
+
+
+@pytest.mark.slow
 def test_multitask_heads_each_learn_their_own_dataset(tmp_path):
     a_store, a_splits = make_toy(tmp_path / "a", "jpeg", train_per_class=16, test_per_class=10, frames=6,
                                  classes=("down", "up"), square=20)

@@ -43,10 +43,11 @@ def test_stream_trains_on_cpu_and_loss_falls(stream, store, request, tmp_path):
     run = tmp_path / "run" / stream
     assert [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     ck = torch.load(run / "last.pt", weights_only=True)  # only tensors and primitives inside
-    assert ck["epoch"] == 2 and ck["class_names"] == ["down", "up"] and ck["stream"] == stream
+    assert ck["epoch"] == 3 and ck["class_names"] == ["down", "up"] and ck["stream"] == stream  # as the log counts
     assert ck["in_channels"] == (3 if stream == "spatial" else 6)
     best = torch.load(run / "best.pt", weights_only=True)
-    assert best["val_acc"] == max(r["val_acc"] for r in log)
+    assert best["val_acc"] == max(r["val_acc"] for r in log) and best["chosen_by"] == "best validation accuracy"
+    assert log[best["epoch"] - 1]["val_acc"] == best["val_acc"]  # the log's record of the epoch best.pt holds
     assert (run / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -94,6 +95,21 @@ def test_resume_after_interrupted_epoch_equals_uninterrupted_run(tinted, tmp_pat
     logs = [[{k: v for k, v in json.loads(x).items() if k != "samples_per_s"} for x in (tmp_path / d).read_text().splitlines()]
             for d in ("a/run/spatial/log.jsonl", "b/run/spatial/log.jsonl")]
     assert logs[0] == logs[1]
+
+
+def test_without_a_validation_part_the_last_epoch_is_best_and_says_so(tinted, tmp_path):
+    """val_fraction = 0: no validation accuracy is made up from the training one; best.pt is the
+    last epoch, and the command line says so."""
+    _, store, splits = tinted
+    raw = toy_raw(tmp_path, store, splits, epochs=2, lr=0.01)
+    raw["data"]["val_fraction"] = 0.0
+    r = CliRunner().invoke(cli, ["train", "--stream", "spatial", "--pipeline", str(write_pipeline(tmp_path / "p.toml",
+                                                                                                    raw))])
+    assert r.exit_code == 0, r.output
+    assert "no validation part (data.val_fraction = 0), so best.pt is the last epoch (2)" in r.output, r.output
+    assert "best val accuracy" not in r.output
+    best = torch.load(tmp_path / "run" / "spatial" / "best.pt", weights_only=True)
+    assert best["epoch"] == 2 and best["val_acc"] is None and best["chosen_by"].startswith("last epoch")
 
 
 def test_diverging_loss_stops_with_a_clear_message(tinted, tmp_path):
@@ -162,7 +178,7 @@ def test_cli_train_then_evaluate_with_option_overrides(tinted, tmp_path):
                             "--lr", "0.01", "--out", str(tmp_path / "cli"), "-o", "eval.segments=3"])
     assert r.exit_code == 0, r.output
     ck = torch.load(tmp_path / "cli/temporal/last.pt", weights_only=True)
-    assert ck["epoch"] == 0 and ck["stream_config"]["lr"] == 0.01 and ck["config"]["eval"]["segments"] == 3
+    assert ck["epoch"] == 1 and ck["stream_config"]["lr"] == 0.01 and ck["config"]["eval"]["segments"] == 3
     r = runner.invoke(cli, ["evaluate", "--stream", "temporal", "--pipeline", str(pipeline), "--out",
                             str(tmp_path / "cli"), "--part", "val"])
     assert r.exit_code == 0, r.output
@@ -187,12 +203,12 @@ def test_kill_between_last_and_best_is_repaired_and_temps_cleaned(tinted, tmp_pa
     run = tmp_path / "run" / "spatial"
     last = torch.load(run / "last.pt", weights_only=True)
     # Epoch 2 improved, its last.pt landed, then the job was killed: best.pt and the log are stale.
-    last2 = dict(last, epoch=1, best_epoch=1, best_acc=1.0, log=last["log"] + [dict(last["log"][0], epoch=2)])
+    last2 = dict(last, epoch=2, best_epoch=2, best_acc=1.0, log=last["log"] + [dict(last["log"][0], epoch=2)])
     torch.save(last2, run / "last.pt")
     (run / ".tmp.deadbeef0000.last.pt").write_bytes(b"half a checkpoint")  # a kill mid-save leaves this
-    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 0
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1
     best = C.load_best(tmp_path / "run", "spatial")  # what scoring reads: repaired first
-    assert best["epoch"] == 1 and best["val_acc"] == 1.0
+    assert best["epoch"] == 2 and best["val_acc"] == 1.0
     assert all(torch.equal(best["model"][k], last2["model"][k]) for k in best["model"])
     assert [r["epoch"] for r in C.read_log(run / "log.jsonl")] == [1, 2]
     cfg["train"]["resume"] = True

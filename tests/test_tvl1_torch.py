@@ -19,15 +19,8 @@ import torch
 
 from flowprep.presets import TVL1_PRESETS as PRESETS
 from flowprep.flow import make_flow, opencv_tvl1
-from flowprep.tvl1_torch import (
-    _centered_gradient,
-    _median_filter,
-    _resize_linear,
-    _warp,
-    calc_flow_numpy,
-    pyramid_sizes,
-    tvl1,
-)
+from flowprep.tvl1_ops import centered_gradient, median_filter, resize_linear, warp
+from flowprep.tvl1_torch import calc_flow_numpy, pyramid_sizes, tvl1
 from videos import textured_frame
 
 cv2.setNumThreads(1)  # OpenCV's reference flow is then deterministic
@@ -101,7 +94,7 @@ def test_warp_is_opencv_remap_cubic_with_zero_border():
     u = ((rng.random((2, h, w)) - 0.5) * 12).astype(np.float32)  # up to 6 px, about 13% read outside
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     ref = cv2.remap(img, xx + u[0], yy + u[1], cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    out = _warp(_t(img)[None, None], _t(u)[None], _t(xx), _t(yy))[0, 0].numpy()
+    out = warp(_t(img)[None, None], _t(u)[None], _t(xx), _t(yy))[0, 0].numpy()
     assert np.abs(out - ref).max() <= 2e-3  # grey levels of 255; measured 1.8e-4, bilinear taps: 72
 
 
@@ -112,11 +105,11 @@ def test_pyramid_is_opencv_resize_linear_by_the_exact_scale(hw):
     for step in (0.8, 0.5):
         ref = cv2.resize(img, None, fx=step, fy=step, interpolation=cv2.INTER_LINEAR)  # how TV-L1 builds levels
         assert ref.shape == pyramid_sizes(*hw, 2, step)[1]
-        down = _resize_linear(_t(img)[None], ref.shape, (1 / step, 1 / step))[0].numpy()
+        down = resize_linear(_t(img)[None], ref.shape, (1 / step, 1 / step))[0].numpy()
         assert np.abs(down - ref).max() <= 1e-3  # measured 3e-5
         # flow goes back up to the finer size (cv::resize with dsize: scale = size ratio)
         up_ref = cv2.resize(ref, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
-        up = _resize_linear(_t(ref)[None], hw, (ref.shape[0] / hw[0], ref.shape[1] / hw[1]))[0].numpy()
+        up = resize_linear(_t(ref)[None], hw, (ref.shape[0] / hw[0], ref.shape[1] / hw[1]))[0].numpy()
         assert np.abs(up - up_ref).max() <= 2e-3  # measured 7e-4
 
 
@@ -124,7 +117,7 @@ def test_pyramid_is_opencv_resize_linear_by_the_exact_scale(hw):
 def test_median_is_opencv_median_blur_5x5_float(hw):
     u = (np.random.default_rng(2).standard_normal(hw) * 3).astype(np.float32)
     ref = cv2.medianBlur(u, 5)
-    out = _median_filter(_t(u)[None, None], 5)[0, 0].numpy()
+    out = median_filter(_t(u)[None, None], 5)[0, 0].numpy()
     assert np.array_equal(out, ref)  # a selection: exact, borders (replicated) included
 
 
@@ -137,7 +130,7 @@ def test_gradient_is_opencv_centered_gradient():
     dx[:, 0], dx[:, -1] = half * (src[:, 1] - src[:, 0]), half * (src[:, -1] - src[:, -2])
     dy[1:-1] = half * (src[2:] - src[:-2])
     dy[0], dy[-1] = half * (src[1] - src[0]), half * (src[-1] - src[-2])
-    tx, ty = _centered_gradient(_t(src)[None])
+    tx, ty = centered_gradient(_t(src)[None])
     assert np.array_equal(tx[0].numpy(), dx) and np.array_equal(ty[0].numpy(), dy)
 
 

@@ -1,4 +1,4 @@
-"""`python -m trainer ablate` (`make ablate`): the paper's input comparisons on a pipeline's data.
+"""`python -m twostream ablate` (`make ablate`): the paper's input comparisons on a pipeline's data.
 
 The grid (paper sec. 3.1 and Tables 1-2, plus the flow algorithms of the method guides):
 - temporal: flow with L = 1, 5, 10 ([ablate] lengths), each with and without mean subtraction;

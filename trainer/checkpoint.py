@@ -28,6 +28,17 @@ from core.atomic import remove_temps, save_atomic, write_atomic
 from core.schema import ConfigError
 
 LAST, BEST, LOG, CURVE = "last.pt", "best.pt", "log.jsonl", "curve.png"
+# Checkpoints count epochs from 1, as log.jsonl does ("epoch": 3 is the state after 3 epochs);
+# version 1 (unmarked) counted from 0.
+VERSION = 2
+
+
+def epoch_of(ck: dict, key: str = "epoch") -> int | None:
+    """A checkpoint's epoch (or best_epoch) counted from 1, as log.jsonl counts, whichever version wrote it."""
+    v = ck.get(key)
+    if v is None:
+        return None
+    return int(v) if ck.get("version", 1) >= VERSION else int(v) + 1
 
 
 # ---------------------------------------------------------------- RNG state (for exact resume)
@@ -111,20 +122,23 @@ def save_epoch(run_dir: Path, last: dict, best: dict | None) -> None:
 
 def commit_epoch(run_dir: Path, epoch: int, record: dict, best: tuple[float, int | None], has_val: bool,
                  records: list[dict], world: int, rank: int, state, meta: dict) -> tuple[float, int | None]:
-    """End an epoch: the best so far by validation accuracy (without a validation part, the
-    latest epoch), then on rank 0 the epoch's files through `save_epoch`. Every rank calls it
-    (the RNG states are gathered); `state()` gives the model/optimizer/scheduler state dicts,
-    asked for on rank 0 only. Returns the new (best_acc, best_epoch)."""
+    """End epoch number `epoch` (counted from 0 by the loop): the best so far by validation
+    accuracy (without a validation part there is nothing to choose by: the latest epoch, and
+    best_acc None), then on rank 0 the epoch's files through `save_epoch`. Every rank calls it (the
+    RNG states are gathered); `state()` gives the model/optimizer/scheduler state dicts, asked for
+    on rank 0 only. Returns the new (best_acc, best_epoch), best_epoch counted from 1."""
     best_acc, best_epoch = best
-    score = record.get("val_acc", record["train_acc"])
-    improved = not has_val or score > best_acc
+    done = epoch + 1  # epochs done, as log.jsonl counts them
+    score = record.get("val_acc") if has_val else None
+    improved = not has_val or best_acc is None or score > best_acc
     if improved:
-        best_acc, best_epoch = score, epoch
+        best_acc, best_epoch = score, done
     states = all_rng_states(world)
     if rank == 0:
         records.append(record)
-        last = {**state(), "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch, "log": records,
-                "rng": states, **meta}
+        chosen = "best validation accuracy" if has_val else "last epoch (no validation part: data.val_fraction = 0)"
+        last = {**state(), "version": VERSION, "epoch": done, "best_acc": best_acc, "best_epoch": best_epoch,
+                "chosen_by": chosen, "log": records, "rng": states, **meta}
         save_epoch(run_dir, last, best_from_last(last) if improved else None)
     return best_acc, best_epoch
 
@@ -147,10 +161,10 @@ def repair(run_dir: Path, last: dict | None = None) -> None:
         write_log(run_dir / LOG, last["log"])
         draw_curve(last["log"], run_dir / CURVE)
     best_path = run_dir / BEST
-    best_epoch = last.get("best_epoch")
-    if best_epoch is not None and best_epoch == last["epoch"]:
+    best_epoch = epoch_of(last, "best_epoch")
+    if best_epoch is not None and best_epoch == epoch_of(last):
         current = torch.load(best_path, map_location="cpu", weights_only=True) if best_path.is_file() else None
-        if current is None or current.get("epoch") != best_epoch:
+        if current is None or epoch_of(current) != best_epoch:
             save_atomic(best_path, lambda p: torch.save(best_from_last(last), p))
 
 
@@ -158,7 +172,7 @@ def load_best(out: str | Path, stream: str) -> dict:
     run_dir = Path(out) / stream
     if not (run_dir / BEST).is_file() and not (run_dir / LAST).is_file():
         raise ConfigError(f"no trained {stream} model at {run_dir / BEST}; run "
-                          f"`python -m trainer train --stream {stream}` first")
+                          f"`python -m twostream train --stream {stream}` first")
     repair(run_dir)
     return load_checkpoint(run_dir / BEST, f"the {stream} stream's best model")
 

@@ -3,7 +3,7 @@
 
 Each section is one schema (core.schema): keys, types, ranges, defaults and help, read by
 the pipeline loader (twostream.pipeline), the validation and the command-line options alike.
-This module imports neither torch nor the models, so `python -m trainer --help` stays fast.
+This module imports neither torch nor the models, so `python -m twostream --help` stays fast.
 
 A stream's settings are the [train] defaults overridden by its own [streams.NAME] section
 (`stream_settings`); `spatial` (input rgb) and `temporal` (input flow) always exist, and older
@@ -136,7 +136,7 @@ ABLATE = Section("ablate", {
     "rgb_stack_length": Key(10, "L of the rgb_stack cell (L+1 frames).", integer, min=1),
     "pretrained": Key("", "Weights for the spatial fine-tuned / last-layer cells [default: train.pretrained]."),
     "epochs": Key(0, "Epochs of every cell (0 = each stream's own).", integer, min=0),
-}, doc="python -m trainer ablate: the paper's input comparisons.")
+}, doc="python -m twostream ablate: the paper's input comparisons.")
 
 
 def stream_names(cfg: dict) -> list[str]:

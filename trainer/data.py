@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from flowprep.store import Store, StoreError, VideoReader
+from core.schema import ConfigError
+from flowprep.store import Store
+from flowprep.store_base import StoreError, VideoReader
 from trainer import transforms as T
 from trainer.streams import Input, get_input
 
@@ -261,8 +263,12 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
 def training_loaders(train_set: Dataset, val_set: Dataset | None, batch_size: int, workers: int,
                      device: torch.device, seed: int, rank: int = 0, world: int = 1):
     """(sampler, training loader, validation loader or None) for one process of `world`:
-    `batch_size` is the global batch, each process takes its share of every one."""
-    sampler = EpochSampler(len(train_set), batch_size, seed, rank, world)
+    `batch_size` is the global batch, each process takes its share of every one. ConfigError
+    for a batch the videos or processes cannot make."""
+    try:
+        sampler = EpochSampler(len(train_set), batch_size, seed, rank, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     per_rank = batch_size // world
     loader = DevicePrefetcher(make_loader(train_set, sampler, per_rank, workers, device, seed), device)
     val_loader = None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from flowprep.store import Store
-from trainer.checkpoint import load_best
+from trainer.checkpoint import epoch_of, load_best
 from trainer.config import resolve_stream, stream_settings
 from trainer.data import ProtocolDataset, make_loader
 from trainer.models import build_model, head
@@ -78,7 +78,7 @@ def load_stream_model(ck: dict, device: torch.device) -> torch.nn.Module:
 def provenance(cfg: dict, ck: dict, part: str, split_id: dict) -> dict:
     """What a score file was computed from; `--reuse-scores` refuses files whose record differs."""
     ev = cfg["eval"]
-    return {"stream": ck["stream"], "input": ck.get("input"), "checkpoint_epoch": int(ck["epoch"]), "part": part,
+    return {"stream": ck["stream"], "input": ck.get("input"), "checkpoint_epoch": epoch_of(ck), "part": part,
             "split": split_id, "segments": ev["segments"], "crops": ev["crops"], "store": str(cfg["data"]["store"])}
 
 

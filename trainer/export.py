@@ -1,4 +1,4 @@
-"""`python -m trainer export`: a trained stream as TorchScript (and ONNX where the exporter works),
+"""`python -m twostream export`: a trained stream as TorchScript (and ONNX where the exporter works),
 with a JSON of everything its input needs.
 
 The exported module takes a batch as the loaders make it, [B, C, S, S] with values 0..255 (uint8
@@ -72,8 +72,19 @@ def preprocessing(ck: dict, cfg: dict) -> dict:
                         + (f" after replacing {first_conv_name(ck['arch'])} by a {ck['in_channels']}-channel conv"
                            if ck["in_channels"] != 3 else "")) if ck["arch"] != "cnn_m_2048" else None,
         "extraction": {k: store_info.get(k) for k in ("size", "short_side", "step", "algo", "preset", "bound",
-                                                    "jpeg_quality")} if store_info else None,
+                                                    "jpeg_quality", "engine")} if store_info else None,
+        "input_size": input_size(ck["arch"], crop),
     }
+
+
+def input_size(arch: str, crop: int) -> dict:
+    """Which H x W each exported file takes. TorchScript (traced) any; ONNX any too where the
+    backbone pools adaptively before its classifier (torchvision's ResNets and VGGs), else
+    exactly the training crop (the paper's CNN-M-2048 has a fixed-size classifier)."""
+    free = arch != "cnn_m_2048"
+    return {"torchscript": "any H x W (the test protocol's crops are crop_size x crop_size)",
+            "onnx": "any H x W (dynamic axes)" if free else f"{crop} x {crop} only (this architecture's classifier "
+                                                           "takes a fixed size)"}
 
 
 def export_stream(cfg: Pipeline, stream: str, out_dir: str | Path, onnx: bool = True) -> dict[str, Path]:
@@ -99,9 +110,11 @@ def export_stream(cfg: Pipeline, stream: str, out_dir: str | Path, onnx: bool = 
             # the TorchScript-based exporter: the dynamo one needs onnxscript, one more package
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
+                axes = {0: "batch", 2: "height", 3: "width"} if ck["arch"] != "cnn_m_2048" else {0: "batch"}
                 paths["onnx"] = save_atomic(out_dir / f"{stream}.onnx", lambda p: torch.onnx.export(
                     model, (example,), str(p), dynamo=False, input_names=["x"], output_names=["logits"],
-                    dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}))
+                    dynamic_axes={"x": axes, "logits": {0: "batch"}}))
+                log.info(f"{stream}: ONNX input {input_size(ck['arch'], crop)['onnx']}")
         except Exception as e:  # noqa: BLE001 - the exporter is optional: say why and go on
             log.warning(f"{stream}: no ONNX file ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                         "`pip install onnx` (or the `[export]` extra) to write one")

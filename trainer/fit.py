@@ -136,7 +136,7 @@ def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: di
     criterion = criterion or nn.CrossEntropyLoss()
     optimizer = make_optimizer(params, args)
     scheduler = make_scheduler(optimizer, args, len(loader))
-    start_epoch, best_acc, best_epoch, records = 0, -1.0, None, []
+    start_epoch, best_acc, best_epoch, records = 0, None, None, []
     resume = args["resume"]
     last_path = Path(resume) if isinstance(resume, str) else run_dir / C.LAST
     if rank == 0:
@@ -150,7 +150,7 @@ def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: di
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, best_acc, best_epoch = ck["epoch"] + 1, ck["best_acc"], ck.get("best_epoch")
+        start_epoch, best_acc, best_epoch = C.epoch_of(ck), ck["best_acc"], C.epoch_of(ck, "best_epoch")
         records = list(ck.get("log", C.read_log(run_dir / C.LOG)[:start_epoch]))
         C.set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
         if rank == 0:
@@ -182,8 +182,8 @@ def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: di
                                                               if k != "epoch"))
     if world > 1:
         dist.barrier()
-    return {"out": str(run_dir), "best_acc": best_acc, "epochs": int(args["epochs"]), "log": records,
-            "last": str(run_dir / C.LAST), "best": str(run_dir / C.BEST)}
+    return {"out": str(run_dir), "best_acc": best_acc, "best_epoch": best_epoch, "has_val": val_loader is not None,
+            "epochs": int(args["epochs"]), "log": records, "last": str(run_dir / C.LAST), "best": str(run_dir / C.BEST)}
 
 
 def _show(identity: dict) -> str:

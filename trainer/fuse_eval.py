@@ -1,4 +1,4 @@
-"""`python -m trainer fuse-eval`: score the streams with the test protocol, fuse, report.
+"""`python -m twostream fuse-eval`: score the streams with the test protocol, fuse, report.
 
 Per stream (fusion.streams, two or more) it needs the test part's scores, the validation
 part's (to choose the best fusion, and the weights when none are given) and the training
@@ -68,10 +68,12 @@ def _check_fresh(cfg: dict, scores: Scores, stream: str, part: str, path: Path) 
     if best.is_file() and "checkpoint_epoch" in meta:
         import torch
 
-        epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]
+        from trainer.checkpoint import epoch_of
+
+        epoch = epoch_of(torch.load(best, map_location="cpu", weights_only=True))
         if epoch != meta["checkpoint_epoch"]:
-            raise FusionError(f"the scores in {path} come from epoch {meta['checkpoint_epoch'] + 1} of the {stream} "
-                              f"stream, but best.pt is now epoch {epoch + 1}; run fuse-eval without --reuse-scores")
+            raise FusionError(f"the scores in {path} come from epoch {meta['checkpoint_epoch']} of the {stream} "
+                              f"stream, but best.pt is now epoch {epoch}; run fuse-eval without --reuse-scores")
 
 
 def get_scores(cfg: dict, stream: str, part: str, *, evaluate: bool = True, reuse_scores: bool = False) -> Scores:

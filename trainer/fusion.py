@@ -374,7 +374,7 @@ def load_fitted(path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FusionError(f"no fitted fusion at {path}; run `python -m trainer fuse-eval` first")
+        raise FusionError(f"no fitted fusion at {path}; run `python -m twostream fuse-eval` first")
     return _numpy(torch.load(path, map_location="cpu", weights_only=True))
 
 

@@ -27,7 +27,8 @@ from torch import nn
 
 
 class Fusion(nn.Module):
-    """Base: `forward(logps, feats) -> fused logits`; `uses` says which inputs matter."""
+    """Base: `forward(logps, feats) -> fused logits`; `uses` says which inputs matter; `build(n,
+    num_classes, dims, **settings)` makes one for n streams (what `make_fusion` calls)."""
 
     uses = "logits"
 
@@ -37,12 +38,20 @@ class Fusion(nn.Module):
 
 
 class AverageFusion(Fusion):
+    @classmethod
+    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "AverageFusion":
+        return cls()
+
     def forward(self, logps: Sequence[torch.Tensor], feats=None) -> torch.Tensor:
         return torch.logsumexp(torch.stack(list(logps)), 0) - torch.log(torch.tensor(float(len(logps))))
 
 
 class CalibratedFusion(Fusion):
     """Vector-scaling calibration per stream (log T_k, b_k), then averaging."""
+    @classmethod
+    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "CalibratedFusion":
+        return cls(n, num_classes)
+
 
     def __init__(self, n: int, num_classes: int):
         super().__init__()
@@ -58,6 +67,10 @@ class CalibratedFusion(Fusion):
 
 
 class WeightedFusion(Fusion):
+    @classmethod
+    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "WeightedFusion":
+        return cls(n, kw.get("weights"), kw.get("learnable", True))
+
     def __init__(self, n: int, weights: Sequence[float] | None = None, learnable: bool = True):
         super().__init__()
         self.n = n
@@ -104,6 +117,10 @@ def _set_stats(norm: _Standardize, x: torch.Tensor) -> None:
 
 
 class LearnedFusion(Fusion):
+    @classmethod
+    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "LearnedFusion":
+        return cls(n, num_classes, kw.get("hidden", 64), kw.get("dropout", 0.2))
+
     def __init__(self, n: int, num_classes: int, hidden: int = 64, dropout: float = 0.2):
         super().__init__()
         self.mlp = _mlp(n * num_classes, hidden, num_classes, dropout)
@@ -119,6 +136,10 @@ class LearnedFusion(Fusion):
 class FeatureFusion(Fusion):
     uses = "features"
 
+    @classmethod
+    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "FeatureFusion":
+        return cls(list(dims), num_classes, kw.get("hidden", 256), kw.get("dropout", 0.2))
+
     def __init__(self, dims: Sequence[int], num_classes: int, hidden: int = 256, dropout: float = 0.2):
         super().__init__()
         self.mlp = _mlp(sum(dims), hidden, num_classes, dropout)
@@ -132,6 +153,10 @@ class FeatureFusion(Fusion):
 
 class AttentionFusion(Fusion):
     uses = "features"
+
+    @classmethod
+    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "AttentionFusion":
+        return cls(list(dims), num_classes, kw.get("hidden", 256), kw.get("dropout", 0.2))
 
     def __init__(self, dims: Sequence[int], num_classes: int, hidden: int = 256, dropout: float = 0.2):
         super().__init__()
@@ -171,16 +196,7 @@ def make_fusion(kind: str, n: int, num_classes: int, dims: Sequence[int] = (), *
     """A fusion module by name, for `n` streams with feature sizes `dims`."""
     if kind not in FUSIONS:
         raise ValueError(f"unknown fusion {kind!r}; choose one of {', '.join(FUSIONS)}")
-    if kind == "average":
-        return AverageFusion()
-    if kind == "calibrated":
-        return CalibratedFusion(n, num_classes)
-    if kind == "weighted":
-        return WeightedFusion(n, kw.get("weights"), kw.get("learnable", True))
-    if kind == "learned":
-        return LearnedFusion(n, num_classes, kw.get("hidden", 64), kw.get("dropout", 0.2))
-    cls = FeatureFusion if kind == "feature" else AttentionFusion
-    return cls(list(dims), num_classes, kw.get("hidden", 256), kw.get("dropout", 0.2))
+    return FUSIONS[kind].build(n, num_classes, dims, **kw)
 
 
 def fusion_module(method: str, params: dict, n: int) -> Fusion:

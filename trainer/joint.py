@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from core.progress import Progress
-from core.schema import ConfigError, Pipeline, require_pipeline
+from core.schema import Pipeline, require_pipeline
 from core.splits import check_same_split, split_from_config, split_identity
 from flowprep.store import Store
 from trainer import checkpoint as C
@@ -36,7 +36,7 @@ from trainer.models import build_model, head
 from trainer.network import TwoStreamNetwork
 from trainer.scores import Scores, save_scores, scores_file
 from trainer.tasks import check_videos
-from trainer.utils import init_distributed, pick_device, seed_everything, setup_device
+from trainer.utils import pick_device, setup_device, setup_process
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,8 @@ def train_joint(cfg: Pipeline, method: str) -> dict:
     streams = list(cfg["fusion"]["streams"])
     cks = [C.load_best(cfg["out"], s) for s in streams]
     crop = int(cks[0].get("crop_size", args["crop_size"]))
-    joined = not dist.is_initialized()
-    rank, world, local = init_distributed(args["device"])
-    joined = joined and dist.is_initialized()
-    device = pick_device(args["device"], local)
-    setup_device(device, args["threads"], args["deterministic"])
+    rank, world, local, device, joined = setup_process(args)
     seed = int(args["seed"])
-    seed_everything(seed + rank)
 
     split = split_from_config(cfg)
     split_id = split_identity(split, cfg)
@@ -111,11 +106,8 @@ def train_joint(cfg: Pipeline, method: str) -> dict:
                                           train=True), train=True, segments=args["segments"], seed=seed)
     val_set = JointDataset(_stream_sets(net, root, val_part.video_ids, val_part.labels, val_counts, crop,
                                         train=False), train=False, segments=args["segments"])
-    try:
-        loaders = training_loaders(train_set, val_set, int(args["batch_size"]), int(args["workers"]), device, seed,
-                                   rank, world)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    loaders = training_loaders(train_set, val_set, int(args["batch_size"]), int(args["workers"]), device, seed, rank,
+                               world)
     per_rank = int(args["batch_size"]) // world
 
     def logits_fn(model):
@@ -193,7 +185,7 @@ def score_joint(cfg: Pipeline, method: str, part: str = "test", show: bool = Tru
             counts_t.index_add_(0, j, torch.ones_like(j, dtype=torch.float64))
             bar.update(1)
     probs = (sums / counts_t.clamp(min=1)[:, None]).cpu().numpy()
-    meta = {"stream": f"joint_{method}", "checkpoint_epoch": int(ck["epoch"]), "part": part, "split": split_id,
+    meta = {"stream": f"joint_{method}", "checkpoint_epoch": C.epoch_of(ck), "part": part, "split": split_id,
             "segments": ev["segments"], "crops": ev["crops"], "store": str(cfg["data"]["store"])}
     scores = Scores(videos.video_ids, videos.labels, list(ck["class_names"]), probs, meta)
     save_scores(scores_file(joint_dir(cfg, method), part), scores)

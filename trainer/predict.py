@@ -1,4 +1,4 @@
-"""`python -m trainer predict VIDEO...`: classify new videos with a pipeline's trained streams.
+"""`python -m twostream predict VIDEO...`: classify new videos with a pipeline's trained streams.
 
 Each video goes through exactly what the training videos went through: `flowprep`'s own
 extraction (decode, resize, step, TV-L1 or the recorded algorithm and preset, clip and quantize
@@ -16,12 +16,15 @@ import io
 import json
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from flowprep.extract import extract_video
+from flowprep.distribute import local_cores
+from flowprep.extract_job import TAIL_MIN_THREADS
 from flowprep.extract_options import STORE_KEYS, ExtractOptions
 from flowprep.store_files import read_store_info, write_store_info
 from trainer.checkpoint import load_best
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def extraction_options(store_root: str | Path, device: torch.device) -> ExtractOptions:
-    """The options the store was extracted with (store.json), so new videos get the same input."""
+    """The options the store was extracted with (store.json: the engine too), so new videos get the same input."""
     info = read_store_info(store_root)
     values = {k: info[k] for k in STORE_KEYS if k in info and k != "device"}
     if info.get("preset") is None:
@@ -78,6 +81,9 @@ def predict_videos(cfg: Pipeline, videos: list[str | Path], device: str | None =
     with tempfile.TemporaryDirectory(prefix="twostream-predict-") as tmp:
         root = Path(tmp) / "store"
         flow = opts.flow_spec()  # what the store was made with, resolved once
+        cores = local_cores()
+        if flow.engine == "fused" and cores >= TAIL_MIN_THREADS:  # one video at a time: its rows in parallel
+            flow = replace(flow, threads=cores)
         write_store_info(root, opts.store_info(flow))
         ids, sources, counts = [], [], []
         for k, src in enumerate(videos):

@@ -56,7 +56,7 @@ def save_scores(path: str | Path, s: Scores) -> Path:
 def load_scores(path: str | Path) -> Scores:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no scores at {path}; run `python -m trainer fuse-eval` (it evaluates the streams first)")
+        raise FileNotFoundError(f"no scores at {path}; run `python -m twostream fuse-eval` (it evaluates the streams first)")
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
         features = z["features"].astype(np.float32) if "features" in z.files else None

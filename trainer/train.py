@@ -29,7 +29,7 @@ from trainer.forward import forward
 from trainer.models import build_model, freeze_backbone
 from trainer.streams import FLOW_CENTER, FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, Input, get_input
 from trainer.tasks import check_videos, class_names, tasks_for
-from trainer.utils import init_distributed, pick_device, seed_everything, setup_device
+from trainer.utils import setup_process
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,8 @@ def main(cfg: Pipeline, stream: str) -> dict:
     data = cfg["data"]
     if not data["store"]:
         raise ConfigError("the pipeline has no data.store (the flowprep store to train from)")
-    joined = not dist.is_initialized()
-    rank, world, local = init_distributed(args["device"])
-    joined = joined and dist.is_initialized()  # we joined the group, so we leave it at the end
-    device = pick_device(args["device"], local)
-    setup_device(device, args["threads"], args["deterministic"])
+    rank, world, local, device, joined = setup_process(args)
     seed = int(args["seed"])
-    seed_everything(seed + rank)
     run_dir = Path(cfg["out"]) / name
 
     # Everything that can be wrong with the inputs fails here, before any training.
@@ -100,11 +95,8 @@ def main(cfg: Pipeline, stream: str) -> dict:
                             train=True, segments=args["segments"], seed=seed, **common)
     val_set = ClipDataset(val_roots, val_ids, val_labels, val_counts, train=False, segments=args["segments"],
                           **common)
-    try:
-        loaders = training_loaders(train_set, val_set, int(args["batch_size"]), int(args["workers"]), device, seed,
-                                   rank, world)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    loaders = training_loaders(train_set, val_set, int(args["batch_size"]), int(args["workers"]), device, seed, rank,
+                               world)
     per_rank = int(args["batch_size"]) // world
     task_of = torch.tensor([k for k, t in enumerate(tasks) for _ in t.classes], device=device)
 

@@ -52,6 +52,20 @@ def setup_device(device: torch.device, threads: int = 0, deterministic: bool = F
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
 
 
+def setup_process(args: dict) -> tuple[int, int, int, torch.device, bool]:
+    """A training process's start, from its settings (device, threads, deterministic, seed): join
+    the process group torchrun describes (if any), set the device up, seed the RNGs (seed + rank).
+    Returns (rank, world, local rank, device, joined: this call joined the group, so the caller
+    leaves it at the end)."""
+    joined = not dist.is_initialized()
+    rank, world, local = init_distributed(args["device"])
+    joined = joined and dist.is_initialized()
+    device = pick_device(args["device"], local)
+    setup_device(device, args["threads"], args["deterministic"])
+    seed_everything(int(args["seed"]) + rank)
+    return rank, world, local, device, joined
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)

