@@ -9,7 +9,7 @@ from trainer.evaluate import score_stream
 from trainer.fuse_eval import fuse_eval
 from trainer.train import main as train
 from trainer.joint import score_joint, train_joint
-from trainer_toy import make_toy, toy_config, toy_raw
+from trainer_toy import killed_in_second_epoch, make_toy, toy_config, toy_raw
 from twostream.pipeline import validate
 from core.schema import ConfigError
 
@@ -48,7 +48,6 @@ def test_joint_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(trained
     import json
 
     import trainer.fit as fit_mod
-    from test_trainer_train import FirstSteps
 
     root, cfg = trained
     settings = {"fusion": {"methods": ["attention"]}, "joint": {"epochs": 2, "lr": 3e-4, "dropout": 0.5}}
@@ -62,14 +61,7 @@ def test_joint_resume_after_a_kill_mid_epoch_equals_an_uninterrupted_run(trained
     train_joint(straight, "attention")
 
     real = fit_mod.train_one_epoch
-
-    def killed_in_second_epoch(model, criterion, optimizer, scheduler, loader, *a, **kw):
-        if a[1] == 1:  # two steps of epoch 2, then the job dies
-            real(model, criterion, optimizer, scheduler, FirstSteps(loader, 2), *a, **kw)
-            raise KeyboardInterrupt
-        return real(model, criterion, optimizer, scheduler, loader, *a, **kw)
-
-    monkeypatch.setattr(fit_mod, "train_one_epoch", killed_in_second_epoch)
+    monkeypatch.setattr(fit_mod, "train_one_epoch", killed_in_second_epoch(real))
     with pytest.raises(KeyboardInterrupt):
         train_joint(cut, "attention")
     monkeypatch.setattr(fit_mod, "train_one_epoch", real)

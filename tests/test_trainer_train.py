@@ -1,4 +1,3 @@
-import itertools
 import json
 import socket
 from pathlib import Path
@@ -13,7 +12,7 @@ import trainer.fit as train_mod
 from twostream.trainer_cli import main as cli
 from trainer.fit import TrainingError
 from trainer.train import main
-from trainer_toy import ddp_worker, make_toy, toy_config, toy_raw, write_pipeline
+from trainer_toy import ddp_worker, killed_in_second_epoch, make_toy, toy_config, toy_raw, write_pipeline
 from twostream.pipeline import validate
 
 
@@ -51,17 +50,6 @@ def test_stream_trains_on_cpu_and_loss_falls(stream, store, request, tmp_path):
     assert (run / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-class FirstSteps:
-    def __init__(self, loader, n):
-        self.loader, self.n = loader, n
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        return itertools.islice(iter(self.loader), self.n)
-
-
 def weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
@@ -74,15 +62,7 @@ def test_resume_after_interrupted_epoch_equals_uninterrupted_run(tinted, tmp_pat
 
     cut = toy_config(tmp_path / "b", store, splits, epochs=2, dropout=0.5, lr=0.01)
     real = train_mod.train_one_epoch
-
-    def crash_in_second_epoch(model, criterion, optimizer, scheduler, loader, *a, **kw):
-        epoch = a[1]
-        if epoch == 1:  # two steps of epoch 2, then the job dies
-            real(model, criterion, optimizer, scheduler, FirstSteps(loader, 2), *a, **kw)
-            raise KeyboardInterrupt
-        return real(model, criterion, optimizer, scheduler, loader, *a, **kw)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_second_epoch)
+    monkeypatch.setattr(train_mod, "train_one_epoch", killed_in_second_epoch(real))
     with pytest.raises(KeyboardInterrupt):
         main(cut, "spatial")
     monkeypatch.setattr(train_mod, "train_one_epoch", real)
