@@ -86,6 +86,22 @@ def test_mismatched_videos_raise_clear_error():
         weighted([sp, te], (0, 0))
 
 
+def test_weights_stay_even_unless_validation_accuracy_says_otherwise():
+    # Both streams right on every validation video: every weighting ties at 100%, and the mean
+    # likelihood, higher the more the sharper stream weighs, would pick the end of the grid.
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 16)
+    sharp = make("v", labels, softmax(3.0 * np.eye(4)[labels] + rng.normal(0, 0.3, (16, 4))))
+    soft = make("v", labels, softmax(1.0 * np.eye(4)[labels] + rng.normal(0, 0.3, (16, 4))))
+    assert choose_weights([soft, sharp]) == (1.0, 1.0)
+    # One stream wrong on a third of the videos: accuracy decides, and moves the weights.
+    wrong = labels.copy()
+    wrong[:6] = (labels[:6] + 1) % 4
+    noisy = make("v", labels, softmax(3.0 * np.eye(4)[wrong] + rng.normal(0, 0.3, (16, 4))))
+    w = choose_weights([noisy, soft])
+    assert w[1] > w[0], w
+
+
 def test_weights_chosen_on_val_only(tmp_path):
     # Validation: temporal reliable, spatial noise -> the weights must favour temporal.
     rng = np.random.default_rng(3)

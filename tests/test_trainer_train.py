@@ -197,6 +197,40 @@ def test_kill_between_last_and_best_is_repaired_and_temps_cleaned(tinted, tmp_pa
     assert not list(run.glob(".tmp.*"))
 
 
+@pytest.mark.parametrize("best_by,expected", [("val_acc", 2), ("val_loss", 3)])
+def test_best_epoch_by_validation_accuracy_or_loss(tmp_path, best_by, expected):
+    """Streams that cannot separate some classes sit at the same validation accuracy epoch after
+    epoch: by accuracy the first of the tied epochs (here a confidently wrong one) stays best.pt;
+    train.best_by = "val_loss" keeps the epoch with the lowest validation loss."""
+    from trainer import checkpoint as C
+
+    log = [{"epoch": 1, "train_acc": 0.3, "val_acc": 0.25, "val_loss": 2.9},
+           {"epoch": 2, "train_acc": 0.4, "val_acc": 0.5, "val_loss": 1.9},   # tied accuracy, overconfident
+           {"epoch": 3, "train_acc": 0.4, "val_acc": 0.5, "val_loss": 0.70},  # tied accuracy, calibrated
+           {"epoch": 4, "train_acc": 0.5, "val_acc": 0.5, "val_loss": 0.70},  # a tie on loss: the earlier stays
+           {"epoch": 5, "train_acc": 0.5, "val_acc": 0.4375, "val_loss": 0.71}]
+    best, records = (None, None), []
+    for epoch, record in enumerate(log):
+        state = lambda e=epoch: {"model": {"w": torch.full((2,), float(e))}, "optimizer": {}, "scheduler": {}}
+        best = C.commit_epoch(tmp_path, epoch, dict(record), best, True, records, 1, 0, state, {"stream": "x"},
+                              best_by)
+    assert best[1] == expected
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert saved["epoch"] == expected and torch.equal(saved["model"]["w"], torch.full((2,), float(expected - 1)))
+    assert saved["val_acc"] == log[expected - 1]["val_acc"]
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["best_by"] == best_by and last["best_epoch"] == expected
+
+
+def test_resume_with_another_best_by_is_refused(tinted, tmp_path):
+    _, store, splits = tinted
+    main(toy_config(tmp_path, store, splits, epochs=1), "spatial")
+    from core.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="best epoch by val_acc; this run asks for streams.spatial.best_by = val_loss"):
+        main(toy_config(tmp_path, store, splits, epochs=2, resume=True, best_by="val_loss"), "spatial")
+
+
 def test_resume_from_a_truncated_checkpoint_says_so(tinted, tmp_path):
     _, store, splits = tinted
     cfg = toy_config(tmp_path, store, splits, epochs=1, resume=True)

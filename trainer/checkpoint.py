@@ -2,7 +2,9 @@
 
     last.pt     every epoch: model, optimizer, scheduler, every process's RNG state, the epoch,
                 the log records so far and the best epoch (`--resume` continues exactly from it)
-    best.pt     the model of the epoch with the best validation accuracy
+    best.pt     the model of the best epoch: highest validation accuracy, or lowest validation
+                loss with train.best_by = "val_loss" (ties: the earlier epoch); without a
+                validation part, the last epoch
     log.jsonl   one record per epoch; curve.png the same, drawn
 
 Each epoch writes, each file atomically: last.pt first (the commit point), then best.pt when
@@ -120,32 +122,45 @@ def save_epoch(run_dir: Path, last: dict, best: dict | None) -> None:
     draw_curve(last["log"], run_dir / CURVE)
 
 
-def commit_epoch(run_dir: Path, epoch: int, record: dict, best: tuple[float, int | None], has_val: bool,
-                 records: list[dict], world: int, rank: int, state, meta: dict) -> tuple[float, int | None]:
-    """End epoch number `epoch` (counted from 0 by the loop): the best so far by validation
-    accuracy (without a validation part there is nothing to choose by: the latest epoch, and
-    best_acc None), then on rank 0 the epoch's files through `save_epoch`. Every rank calls it (the
-    RNG states are gathered); `state()` gives the model/optimizer/scheduler state dicts, asked for
-    on rank 0 only. Returns the new (best_acc, best_epoch), best_epoch counted from 1."""
-    best_acc, best_epoch = best
+BEST_BY = {"val_acc": "best validation accuracy", "val_loss": "lowest validation loss"}
+
+
+def selection_score(record: dict, best_by: str = "val_acc") -> float:
+    """How good an epoch is for choosing best.pt (higher is better): its validation accuracy, or
+    minus its validation loss (best_by = "val_loss")."""
+    return -record["val_loss"] if best_by == "val_loss" else record["val_acc"]
+
+
+def commit_epoch(run_dir: Path, epoch: int, record: dict, best: tuple[float | None, int | None], has_val: bool,
+                 records: list[dict], world: int, rank: int, state, meta: dict,
+                 best_by: str = "val_acc") -> tuple[float | None, int | None]:
+    """End epoch number `epoch` (counted from 0 by the loop): the best so far by
+    `selection_score` (ties keep the earlier epoch; without a validation part there is nothing to
+    choose by: the latest epoch, score None), then on rank 0 the epoch's files through
+    `save_epoch`. Every rank calls it (the RNG states are gathered); `state()` gives the
+    model/optimizer/scheduler state dicts, asked for on rank 0 only. `best` and the result:
+    (best score, best epoch counted from 1), (None, None) before the first epoch."""
+    best_score, best_epoch = best
     done = epoch + 1  # epochs done, as log.jsonl counts them
-    score = record.get("val_acc") if has_val else None
-    improved = not has_val or best_acc is None or score > best_acc
+    score = selection_score(record, best_by) if has_val else None
+    improved = not has_val or best_score is None or score > best_score
     if improved:
-        best_acc, best_epoch = score, done
+        best_score, best_epoch = score, done
     states = all_rng_states(world)
     if rank == 0:
         records.append(record)
-        chosen = "best validation accuracy" if has_val else "last epoch (no validation part: data.val_fraction = 0)"
-        last = {**state(), "version": VERSION, "epoch": done, "best_acc": best_acc, "best_epoch": best_epoch,
-                "chosen_by": chosen, "log": records, "rng": states, **meta}
+        best_record = next((r for r in records if r["epoch"] == best_epoch), {})  # {}: resumed without a log
+        chosen = BEST_BY[best_by] if has_val else "last epoch (no validation part: data.val_fraction = 0)"
+        last = {**state(), "version": VERSION, "epoch": done, "best_acc": best_record.get("val_acc"),
+                "best_score": best_score, "best_by": best_by, "best_epoch": best_epoch, "chosen_by": chosen,
+                "log": records, "rng": states, **meta}
         save_epoch(run_dir, last, best_from_last(last) if improved else None)
-    return best_acc, best_epoch
+    return best_score, best_epoch
 
 
 def best_from_last(last: dict) -> dict:
     """best.pt's contents for an epoch that improved, from that epoch's last.pt."""
-    drop = ("optimizer", "scheduler", "rng", "log", "best_acc", "best_epoch")
+    drop = ("optimizer", "scheduler", "rng", "log", "best_acc", "best_score", "best_by", "best_epoch")
     return {**{k: v for k, v in last.items() if k not in drop}, "val_acc": last["best_acc"]}
 
 

@@ -53,6 +53,11 @@ TRAIN_KEYS = {
     "lr_gamma": Key(0.1, "Step schedule factor.", number, above=0, flags=None),
     "warmup_epochs": Key(0.0, "Linear learning-rate warmup, in epochs.", number, min=0, flags=None),
     "dropout": Key(0.5, "Dropout before the classifier.", number, min=0, max=0.99, flags=None),
+    "best_by": Key("val_acc", "The epoch kept as best.pt: val_acc (highest validation accuracy) or val_loss (lowest "
+                   "validation loss: better when accuracy cannot tell the epochs apart, as with a small validation "
+                   "part or classes a stream cannot separate, and it prefers the epoch whose probabilities are the "
+                   "most honest, which fusion averages). Ties go to the earlier epoch.",
+                   choices=("val_acc", "val_loss"), flags=None),
     "workers": Key(4, "Data loader worker processes per GPU.", integer, min=0, flags=("--workers", "-j")),
     "device": Key("auto", "auto, cpu, cuda or cuda:N."),
     "amp": Key(True, "bfloat16 autocast on CUDA (no effect on the CPU).", boolean),

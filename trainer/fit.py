@@ -136,7 +136,8 @@ def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: di
     criterion = criterion or nn.CrossEntropyLoss()
     optimizer = make_optimizer(params, args)
     scheduler = make_scheduler(optimizer, args, len(loader))
-    start_epoch, best_acc, best_epoch, records = 0, None, None, []
+    start_epoch, best_score, best_epoch, records = 0, None, None, []
+    best_by = args["best_by"]
     resume = args["resume"]
     last_path = Path(resume) if isinstance(resume, str) else run_dir / C.LAST
     if rank == 0:
@@ -147,10 +148,14 @@ def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: di
         if theirs != identity:
             raise ConfigError(f"{last_path} was trained as {_show(theirs)}; this run asks for {_show(identity)}. "
                               "Use another --out, or drop --resume to start over.")
+        if ck.get("best_by", "val_acc") != best_by:
+            raise ConfigError(f"{last_path} chose its best epoch by {ck.get('best_by', 'val_acc')}; this run asks for "
+                              f"{args['section']}.best_by = {best_by}. Resume with the same setting, or drop --resume.")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, best_acc, best_epoch = C.epoch_of(ck), ck["best_acc"], C.epoch_of(ck, "best_epoch")
+        start_epoch, best_epoch = C.epoch_of(ck), C.epoch_of(ck, "best_epoch")
+        best_score = ck.get("best_score", ck["best_acc"])  # an older last.pt: chosen by accuracy
         records = list(ck.get("log", C.read_log(run_dir / C.LOG)[:start_epoch]))
         C.set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0])
         if rank == 0:
@@ -173,17 +178,19 @@ def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: di
         if val_loader is not None:
             # The plain module: DDP could wait on buffer syncs across ranks' unequal eval shares.
             record.update(evaluate(model, criterion, val_loader, device, logits_fn(model)))
-        best_acc, best_epoch = C.commit_epoch(
-            run_dir, epoch, record, (best_acc, best_epoch), val_loader is not None, records, world, rank,
+        best_score, best_epoch = C.commit_epoch(
+            run_dir, epoch, record, (best_score, best_epoch), val_loader is not None, records, world, rank,
             lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict()}, meta)
+                     "scheduler": scheduler.state_dict()}, meta, best_by)
         if rank == 0:
             log.info(f"{name} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                               if k != "epoch"))
     if world > 1:
         dist.barrier()
-    return {"out": str(run_dir), "best_acc": best_acc, "best_epoch": best_epoch, "has_val": val_loader is not None,
-            "epochs": int(args["epochs"]), "log": records, "last": str(run_dir / C.LAST), "best": str(run_dir / C.BEST)}
+    best = next((r for r in records if r["epoch"] == best_epoch), {})
+    return {"out": str(run_dir), "best_acc": best.get("val_acc"), "best_epoch": best_epoch, "best_by": best_by,
+            "best_record": best, "has_val": val_loader is not None, "epochs": int(args["epochs"]), "log": records,
+            "last": str(run_dir / C.LAST), "best": str(run_dir / C.BEST)}
 
 
 def _show(identity: dict) -> str:

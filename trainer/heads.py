@@ -5,8 +5,9 @@ the test protocol's averaged softmax for a video) and the backbone's pooled feat
 returns fused logits:
 
 * average      log of the streams' mean softmax (the paper's averaging);
-* calibrated   each stream calibrated first: log p / T_k + b_k (a temperature per stream and a
-               bias per class, vector scaling fitted on the validation part), then averaged;
+* calibrated   each stream calibrated first: W_k log p_k + b_k (matrix scaling of its
+               log-probabilities, i.e. Dirichlet calibration; W_k = I, b_k = 0 leaves it as it
+               is), then averaged;
 * weighted     log of sum_k w_k softmax_k: weights fixed, or learnable (a sigmoid alpha for two
                streams, a softmax over more);
 * learned      an MLP on the concatenated log-probabilities;
@@ -47,19 +48,28 @@ class AverageFusion(Fusion):
 
 
 class CalibratedFusion(Fusion):
-    """Vector-scaling calibration per stream (log T_k, b_k), then averaging."""
+    """Matrix-scaling calibration per stream (W_k, b_k: calibrated log p = log_softmax(W_k log p_k
+    + b_k)), then averaging. A temperature is W_k = I / T; a full W_k can also mix classes, so a
+    stream can learn to say 50/50 between two classes it cannot tell apart."""
+
     @classmethod
     def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "CalibratedFusion":
         return cls(n, num_classes)
 
-
     def __init__(self, n: int, num_classes: int):
         super().__init__()
-        self.log_t = nn.Parameter(torch.zeros(n))
+        self.weight = nn.Parameter(torch.eye(num_classes).repeat(n, 1, 1))
         self.bias = nn.Parameter(torch.zeros(n, num_classes))
 
     def calibrate(self, logps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.log_softmax(z / self.log_t[k].exp() + self.bias[k], -1) for k, z in enumerate(logps)]
+        return [torch.log_softmax(z @ self.weight[k].T + self.bias[k], -1) for k, z in enumerate(logps)]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        log_t = state_dict.pop(prefix + "log_t", None)
+        if log_t is not None:  # fusion.pt of an older version: a temperature per stream, as W_k = I / T_k
+            eye = torch.eye(self.weight.shape[-1])
+            state_dict[prefix + "weight"] = torch.stack([eye / t for t in torch.as_tensor(log_t).exp()])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, logps, feats=None) -> torch.Tensor:
         cal = self.calibrate(logps)

@@ -50,15 +50,16 @@ def main() -> None:
               help="Settings from a pipeline file (pipelines/*.toml): --videos and --out from [data] videos/store, "
                    "the rest from [extract]; options given here win.")
 @click.option("--videos", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of videos (searched recursively). Video id = path inside it without extension; "
-                   "class = its first folder.")
+              help="Folder of videos (searched recursively). Video id = path inside it without extension, "
+                   "whitespace made '_'; class = its first folder. Files of other extensions are skipped, "
+                   "with a note.")
 @click.option("--out", "--output-dir", "out", type=click.Path(file_okay=False, path_type=Path),
               help="Store folder [default: data/<name of the videos folder>/ under the current directory].")
 @click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Extract only these videos: one path per line, relative to --videos (no absolute paths, no '..').")
 @click.option("--splits", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Official split folder: UCF-101's ucfTrainTestlist (labels = classInd.txt index - 1) or HMDB-51's "
-                   "split files. Adds per-split lists under OUT/lists/ [default: data.splits of --pipeline; "
+                   "split files. Adds per-split lists at the top of OUT/ [default: data.splits of --pipeline; "
                    "else labels are the sorted class names].")
 @EXTRACT.options()
 @click.option("--overwrite", is_flag=True, help="Redo every video, even complete ones, and accept new parameters.")
@@ -131,13 +132,15 @@ def _interrupt(signum, frame):
               help="rawframes: SRC/<class>/<video>/ with img_, flow_x_ or x_, flow_y_ or y_ frames, 0- or 1-based "
                    "(denseflow, MMAction2, TSN). uv: FLOW_ROOT/u/<video>/ and FLOW_ROOT/v/<video>/ "
                    "(e.g. tvl1_flow/u/v_X_g01_c01/frame000001.jpg), RGB in RGB_ROOT/<video>/. auto: uv when "
-                   "FLOW_ROOT has u/ and v/.")
+                   "SRC (or --flow-root), or one folder in it, has u/ and v/; the RGB folder is then the one beside "
+                   "it holding the same video names (e.g. jpegs_256/ beside tvl1_flow/).")
 @click.option("--flow-root", help="uv layout: the folder holding u/ and v/, relative to SRC [default: SRC].")
 @click.option("--rgb-root", help="uv layout: the folder of RGB frame folders (e.g. jpegs_256), relative to SRC "
               "[default: none, a flow-only store].")
 @click.option("--class-regex", help="Class of a video from its folder name when the folders are not per class: "
-              "the regex's group 'class' or first group, e.g. 'v_([A-Za-z]+)_g' for UCF-101 names; the id becomes "
-              "<class>/<name>.")
+              "the regex's group 'class' or first group; the id becomes <class>/<name>. Without it, flat names get "
+              "their class from --splits (the split files list each video under its class), else from UCF-101 "
+              "names (v_<Class>_g01_c01); names with no class stop the job.")
 @click.option("--bound", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BOUND, show_default=True,
               help="The bound the flow JPEGs were quantized with (q = 255 (v + b) / 2b): JPEGs cannot say, so it is "
                    "recorded as given.")

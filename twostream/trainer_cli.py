@@ -80,7 +80,9 @@ def trained(summary: dict) -> str:
     """What a training run chose as best.pt, in words that fit what exists."""
     last = summary["log"][-1] if summary["log"] else {}
     if summary["has_val"]:
-        return f"best val accuracy {summary['best_acc']:.4f} (epoch {summary['best_epoch']}, best.pt)"
+        by_loss = summary["best_by"] == "val_loss" and "val_loss" in summary["best_record"]
+        how = f", lowest val loss {summary['best_record']['val_loss']:.4f}" if by_loss else ""
+        return f"best val accuracy {summary['best_acc']:.4f} (epoch {summary['best_epoch']}{how}, best.pt)"
     return (f"no validation part (data.val_fraction = 0), so best.pt is the last epoch ({summary['best_epoch']}), "
             f"training accuracy {last.get('train_acc', float('nan')):.4f}")
 
