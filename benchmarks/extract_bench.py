@@ -1,9 +1,10 @@
-"""Extraction throughput: the whole flowprep path against a bare OpenCV TV-L1 loop on the same frames.
+"""Extraction throughput: the whole flowprep path against a bare TV-L1 loop on the same frames.
 
-    python benchmarks/extract_bench.py [--quick] [--backend joblib|ray] [--workers N]
+    python benchmarks/extract_bench.py [--quick] [--backend joblib|ray] [--workers N] [--engine fused|opencv]
 
-Baseline: `DualTVL1.calc` over grayscale frames already decoded and resized, in memory, one
-thread (what the flow alone costs). flowprep: `run_extract` on videos holding those frames
+Baseline: the same TV-L1 engine flowprep runs (`--engine`, default fused; opencv: `DualTVL1.calc`)
+over grayscale frames already decoded and resized, in memory, one thread (what the flow alone
+costs). flowprep: `run_extract` on videos holding those frames
 (decode, resize, RGB JPEG, flow, quantize, flow JPEGs, atomic write, manifest), at 1 worker and at
 all workers. Prints per preset and store: pairs/s, pipeline overhead at 1 worker (target < 5% with
 `accurate`), scaling = rate(N) / (N * rate(1)) (target >= 0.85), and store bytes per frame.
@@ -22,7 +23,7 @@ import cv2
 
 from flowprep.extract_job import run_extract
 from flowprep.extract_options import ExtractOptions
-from flowprep.flow import make_flow, set_single_thread
+from flowprep.flow import flow_spec, make_flow_batch, set_single_thread
 
 
 def source_frames(n: int) -> list:
@@ -51,14 +52,14 @@ def write_videos(folder: Path, frames: list, count: int) -> None:
         shutil.copy(first, first.with_name(f"v{i:03d}.avi"))
 
 
-def baseline_rate(frames: list, size: tuple[int, int], preset: str) -> float:
+def baseline_rate(frames: list, size: tuple[int, int], preset: str, engine: str) -> float:
     """Pairs/s of the bare flow loop on the same frames the pipeline sees (decoded the same way, from the .avi)."""
     set_single_thread()
     gray = [cv2.cvtColor(cv2.resize(f, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY) for f in frames]
-    flow = make_flow("tvl1", preset)
+    flow, _ = make_flow_batch(flow_spec("tvl1", preset, engine=engine))
+    flow(gray[:1], gray[1:2])   # compile or load the fused kernels outside the timing
     t = time.perf_counter()
-    for a, b in zip(gray, gray[1:]):
-        flow(a, b)
+    flow(gray[:-1], gray[1:])
     return (len(gray) - 1) / (time.perf_counter() - t)
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--backend", choices=["joblib", "ray"], default="joblib")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--presets", default="accurate,fast")
+    ap.add_argument("--engine", choices=["fused", "opencv"], default="fused", help="TV-L1 engine, bare and in flowprep")
     args = ap.parse_args()
 
     size = (170, 128) if args.quick else (340, 256)
@@ -91,17 +93,17 @@ def main() -> None:
     cap.release()
 
     print(f"{n_videos} videos x {pairs_per_video} pairs of bikes.mp4 at {size[0]}x{size[1]}, backend {args.backend}, "
-          f"{args.workers} workers, OpenCV {cv2.__version__}")
+          f"{args.workers} workers, {args.engine} engine, OpenCV {cv2.__version__}")
     print(f"{'preset':9} {'store':5} {'bare pairs/s':>12} {'1 worker':>9} {'overhead':>9} "
           f"{f'{args.workers} workers':>10} {'scaling':>8} {'KiB/frame rgb+flow':>19}")
     try:
         for w in sorted({1, args.workers}):  # warm-up: worker pools start (and imports load) outside the timings
-            run_extract(tmp / "videos", tmp / f"warmup-{w}", ExtractOptions(size=size, algo="farneback"), workers=w,
+            run_extract(tmp / "videos", tmp / f"warmup-{w}", ExtractOptions(size=size, preset="fast", engine=args.engine), workers=w,
                         backend=args.backend, progress=False)
         for preset in args.presets.split(","):
-            base = baseline_rate(frames, size, preset)
+            base = baseline_rate(frames, size, preset, args.engine)
             for fmt in ("jpeg", "hdf5"):
-                opts = ExtractOptions(format=fmt, size=size, preset=preset)
+                opts = ExtractOptions(format=fmt, size=size, preset=preset, engine=args.engine)
                 rates = {}
                 for w in sorted({1, args.workers}):
                     out = tmp / f"{preset}-{fmt}-{w}"
