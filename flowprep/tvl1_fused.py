@@ -13,8 +13,10 @@ Why it is faster. Per inner iteration OpenCV makes eight passes over the image (
 divergences, estimateU, two forward gradients, estimateDualVariables), scalar code in
 parallel_for_ bodies. Here one numba-compiled, vectorised sweep per iteration does all of it,
 pipelined by rows (flowprep/tvl1_kernels.py): V, divergence and U of row y, then the gradient and
-dual update of row y-1. Per warp, the three bicubic remaps (I1, I1x, I1y) share one set of weights
-per pixel and are fused with the flow map and calcGradRho. Pyramid, flow upsampling and the
+dual update of row y-1; OpenCV's double-precision hypot becomes float32 arithmetic, so the loops
+run as wide as the CPU's vectors (512 bits where it has them). Per warp, the three bicubic
+remaps (I1, I1x, I1y) share one set of weights per pixel and are fused with the flow map and
+calcGradRho. Pyramid, flow upsampling and the
 median filter stay OpenCV's own (cv2.resize, cv2.medianBlur), so they match by construction.
 
 How it stays bit-identical. Every float32 operation is OpenCV's, in OpenCV's order (fastmath off,
@@ -25,9 +27,10 @@ float32 constants, no FMA contraction). Facts that matter, each checked by the t
 - OpenCV 5.0's remap(INTER_CUBIC) with float maps uses the float fraction (no 1/32 fixed-point
   table) and, on a CPU with AVX2, FMAs in a specific order; without AVX2 it uses plain mul/add.
   The warp kernel reproduces whichever of the two this OpenCV uses (probed once per process).
-- The dual update calls libm's double hypot on float arguments; the kernel's sqrt of the summed
-  squares rounds to the same float except within a few ulp of a float rounding midpoint, where
-  the row is redone with libm's hypot itself.
+- The dual update calls libm's double hypot on float arguments. The kernel computes the float
+  nearest to the exact sqrt(a^2 + b^2) in float32 arithmetic (FMA residues, a rounding-midpoint
+  test), which is libm's rounded result except within a hair of a float rounding midpoint; those
+  pixels (a few in a million) get libm's hypot itself.
 - estimateU sums the error terms serially in float32 and stops when that sum is not > epsilon.
   The kernel sums the same float32 terms in double (any order, vectorised, per thread) and
   decides from a strict bound on the float sum's rounding error; in the rare iterations where the
@@ -213,9 +216,10 @@ def remap_variant() -> bool | None:
 
 @lru_cache(maxsize=1)
 def _hypot_model_holds() -> bool:
-    """libm's hypot (which OpenCV's dual update calls) rounds to the same float as sqrt of the
-    double sum of squares, on a fixed probe away from float midpoints (the kernel sends pixels
-    near a midpoint to libm itself)."""
+    """libm's hypot (which OpenCV's dual update calls) rounds to the float nearest the exact
+    result, as the kernel's model does, on a fixed probe away from float midpoints (sqrt of the
+    exact double sum of squares stands for the exact result there; the kernel sends pixels near
+    a midpoint to libm itself)."""
     rng = np.random.default_rng(6789)
     a = (rng.standard_normal(4096) * 10.0 ** rng.uniform(-6, 2, 4096)).astype(F32).astype(np.float64)
     b = (rng.standard_normal(4096) * 10.0 ** rng.uniform(-6, 2, 4096)).astype(F32).astype(np.float64)
@@ -242,7 +246,7 @@ class _Level:
         self.p = [e(h, w) for _ in range(4)]
         self.zrow = np.zeros(w, F32)
         self.colsum = np.empty((bands, w), np.float64)
-        self.save = e(bands, 4, w)
+        self.scratch = e(bands, 3, w)   # a dual row's two norms and its libm flags
         self.gamma = _gamma(h * w)
 
 
@@ -261,7 +265,7 @@ class FusedTVL1:
             raise ValueError(f"FusedTVL1 does not support these parameters: {reason}")
         self.threads = max(1, int(threads))
         self._levels: dict[tuple[int, int], _Level] = {}
-        self.stats = np.zeros(3, np.int64)   # inner iterations, exact error sums, hypot row redos
+        self.stats = np.zeros(3, np.int64)   # inner iterations, exact error sums, libm hypot pixels
 
     def calc(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         """Flow from prev to nxt (uint8 HxW grayscale, same shape) -> float32 HxWx2 (x, y)."""
@@ -317,10 +321,10 @@ class FusedTVL1:
                         u1[...] = cv2.medianBlur(u1, median)
                         u2[...] = cv2.medianBlur(u2, median)
                     if par:
-                        more = K.inner_parallel(bands, *args, lv.colsum, lv.save, l_t, theta, taut, eps, lv.gamma,
+                        more = K.inner_parallel(bands, *args, lv.colsum, lv.scratch, l_t, theta, taut, eps, lv.gamma,
                                                 int(p["inner_iterations"]), self.stats)
                     else:
-                        more = K.inner_serial(*args, lv.colsum[0], lv.save[0], l_t, theta, taut, eps, lv.gamma,
+                        more = K.inner_serial(*args, lv.colsum[0], lv.scratch[0], l_t, theta, taut, eps, lv.gamma,
                                               int(p["inner_iterations"]), self.stats)
             if s == 0:
                 break

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
+
+# 512-bit vectors where the CPU has them. LLVM's tuning for recent Xeons prefers 256-bit ones,
+# which halves the lanes of these loops (10% of a whole solve on this project's Xeon). Lanes are
+# independent (fastmath off), so results cannot change; numba keys its on-disk cache by these
+# features; a user's own NUMBA_CPU_NAME / NUMBA_CPU_FEATURES wins. Takes effect if nothing in the
+# process has compiled with numba yet (else the kernels run 256 bits wide: the same bits).
+if numba.config.CPU_FEATURES is None and numba.config.CPU_NAME is None:
+    numba.config.CPU_FEATURES = llvm.get_host_cpu_features().flatten() + ",-prefer-256-bit"
 
 F32 = np.float32
 _A = F32(-0.75)          # OpenCV's bicubic parameter
@@ -40,17 +50,6 @@ def _fma(typingctx, a, b, c):
         fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
         return builder.call(fn, args)
     return types.float32(types.float32, types.float32, types.float32), codegen
-
-
-@intrinsic
-def _bits64(typingctx, x):
-    """The bit pattern of a float64, as an int64."""
-    if x != types.float64:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-    return types.int64(types.float64), codegen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,96 +227,117 @@ def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms
         colsum[x] += np.float64(T[x])
 
 
+_TOL = F32(2.0 ** -19)
+_KULP = F32(2.0 ** -24 * (1 + 2.0 ** -10))
+_TINY = F32(2.0 ** -30)
+_HUGE = F32(2.0 ** 60)
+
+
 @njit(inline="always", **_jit)
 def _hyp(a, b):
-    """OpenCV's (float)hypot(double(a), double(b)), and whether libm must decide it.
+    """OpenCV's (float)hypot(double(a), double(b)), and whether libm must decide it, in float32
+    arithmetic alone (as many lanes a vector as floats; no double square root).
 
-    sqrt of the squares (exact in double) summed in double is within about 2 ulp of glibc's
-    hypot. The two round to the same float unless they sit within a few ulp of a float rounding
-    midpoint, i.e. unless the 29 mantissa bits the float drops are within 8 of 1 << 28; such
-    pixels (about 1 in 10^8) are flagged, and their row is redone with libm's hypot."""
-    ad = np.float64(a)
-    bd = np.float64(b)
-    h = np.sqrt(ad * ad + bd * bd)
-    m = (_bits64(h) & 0x1FFFFFFF) - 0x10000000
-    close = (m >= -8) & (m <= 8)
-    tiny = (h < 2.0 ** -120) & (h != 0.0)   # float subnormals drop more bits
-    return F32(h), close | tiny
+    S = a^2 + b^2 exactly is sh + e + pl + ql (FMA residues of the squares, TwoSum of their sum),
+    sl ~ e + pl + ql. r0 = sqrt(sh) is within an ulp of sqrt(S) (sh is within 2^-23 S of S), so the
+    answer is r0 or a neighbour. With u the float spacing on one side of r0, sqrt(S) passes the
+    midpoint r0 +- u/2 iff D = S - r0^2 passes +-(r0*u) (up to u^2/4 < 2^-24 r0*u). t = (sh - r0^2,
+    exact by FMA) + sl is D to within about 2^-21 r0*u, so m = |t| - r0*u picks r0 (m < 0) or the
+    neighbour on t's side (m > 0). libm decides, as OpenCV calls it, when m is within 2^-19 r0*u of
+    0 (near a midpoint: glibc's double hypot, within an ulp of double, rounds to float the other way
+    only within 2^-27 r0*u of it) or past 2 r0*u (a guard: the neighbour's far midpoint), and when
+    |a| + |b| is outside [2^-30, 2^60) but not 0 (subnormal residues, overflow, inf, NaN). a = b = 0
+    gives 0 unflagged. tests/test_tvl1_fused.py checks flagged-or-equal against libm on random,
+    near-midpoint and near-power-of-two pairs."""
+    ph = a * a
+    pl = _fma(a, a, -ph)
+    qh = b * b
+    ql = _fma(b, b, -qh)
+    sh = ph + qh
+    bb = sh - ph
+    e = (ph - (sh - bb)) + (qh - bb)
+    sl = (e + pl) + ql
+    r0 = np.sqrt(sh)
+    t = _fma(-r0, r0, sh) + sl
+    # the spacing above and below r0 (below a power of two it is half), exactly: k = r0*_KULP lies
+    # within (u/2, 3u/2) of the spacing u on either side, so r0 +- k rounds to the neighbour
+    k = r0 * _KULP
+    up = (r0 + k) - r0
+    dn = r0 - (r0 - k)
+    neg = t < _ZERO
+    thr = r0 * (dn if neg else up)
+    m = np.abs(t) - thr
+    tol = thr * _TOL
+    c = ((r0 - dn) if neg else (r0 + up)) if m > _ZERO else r0
+    s1 = np.abs(a) + np.abs(b)
+    flag = (np.abs(m) < tol) | (m > (thr + thr) - tol) | ((s1 < _TINY) & (s1 != _ZERO)) | ~(s1 < _HUGE)
+    return c, flag
+
+
+@njit(**_jit)
+def hypot_model(a, b, out, flags):
+    """_hyp over arrays (for the tests)."""
+    for i in range(a.shape[0]):
+        out[i], flags[i] = _hyp(a[i], b[i])
 
 
 @njit(inline="always", **_jit)
-def _dual_row(y, u1, u2, p11, p12, p21, p22, save, taut):
-    """forwardGradient + estimateDualVariables of row y (u of rows y and y+1 already new).
-    The old p of the row go to `save` so that a flagged row can be redone with libm's hypot."""
+def _dual_row(y, u1, u2, p11, p12, p21, p22, scratch, taut):
+    """forwardGradient + estimateDualVariables of row y (u of rows y and y+1 already new), in
+    three short loops that LLVM vectorises at full width: the two norms 1 + taut*|grad u| of
+    every pixel (and whether libm must decide one), libm's hypot for the flagged pixels, then p.
+    Returns the number of flagged pixels."""
     H, W = u1.shape
     yn = y + 1 if y < H - 1 else y   # last row: u[y] - u[y] == 0, OpenCV's zero dy
     A1 = u1[y]
     A2 = u2[y]
     B1 = u1[yn]
     B2 = u2[yn]
+    NG1 = scratch[0]
+    NG2 = scratch[1]
+    FLG = scratch[2]
+    for x in range(W - 1):
+        g1, h1 = _hyp(A1[x + 1] - A1[x], B1[x] - A1[x])
+        g2, h2 = _hyp(A2[x + 1] - A2[x], B2[x] - A2[x])
+        FLG[x] = _ONE if (h1 | h2) else _ZERO   # a float row: an int64 count would halve the lanes
+        NG1[x] = _ONE + taut * g1
+        NG2[x] = _ONE + taut * g2
+    x = W - 1   # last column: OpenCV's zero dx
+    g1, h1 = _hyp(_ZERO, B1[x] - A1[x])
+    g2, h2 = _hyp(_ZERO, B2[x] - A2[x])
+    FLG[x] = _ONE if (h1 | h2) else _ZERO
+    NG1[x] = _ONE + taut * g1
+    NG2[x] = _ONE + taut * g2
+    nbad = 0
+    for x in range(W):
+        nbad += FLG[x] != _ZERO
+    if nbad:
+        for x in range(W):
+            if FLG[x] != _ZERO:
+                a = A1[x]
+                b = A2[x]
+                u1x = A1[x + 1] - a if x < W - 1 else _ZERO
+                u2x = A2[x + 1] - b if x < W - 1 else _ZERO
+                NG1[x] = _ONE + taut * F32(math.hypot(np.float64(u1x), np.float64(B1[x] - a)))   # libm, as OpenCV
+                NG2[x] = _ONE + taut * F32(math.hypot(np.float64(u2x), np.float64(B2[x] - b)))
     P11 = p11[y]
     P12 = p12[y]
     P21 = p21[y]
     P22 = p22[y]
-    S11 = save[0]
-    S12 = save[1]
-    S21 = save[2]
-    S22 = save[3]
-    nbad = 0   # an integer sum is a reduction LLVM vectorises (a bool |= is not)
     for x in range(W - 1):
         a = A1[x]
         b = A2[x]
-        u1x = A1[x + 1] - a
-        u1y = B1[x] - a
-        u2x = A2[x + 1] - b
-        u2y = B2[x] - b
-        g1, h1 = _hyp(u1x, u1y)
-        g2, h2 = _hyp(u2x, u2y)
-        nbad += np.int64(h1 | h2)
-        ng1 = _ONE + taut * g1
-        ng2 = _ONE + taut * g2
-        q11 = P11[x]
-        q12 = P12[x]
-        q21 = P21[x]
-        q22 = P22[x]
-        S11[x] = q11
-        S12[x] = q12
-        S21[x] = q21
-        S22[x] = q22
-        P11[x] = (q11 + taut * u1x) / ng1
-        P12[x] = (q12 + taut * u1y) / ng1
-        P21[x] = (q21 + taut * u2x) / ng2
-        P22[x] = (q22 + taut * u2y) / ng2
-    x = W - 1   # last column: OpenCV's zero dx
-    u1y = B1[x] - A1[x]
-    u2y = B2[x] - A2[x]
-    g1, h1 = _hyp(_ZERO, u1y)
-    g2, h2 = _hyp(_ZERO, u2y)
-    nbad += np.int64(h1 | h2)
-    ng1 = _ONE + taut * g1
-    ng2 = _ONE + taut * g2
-    S11[x] = P11[x]
-    S12[x] = P12[x]
-    S21[x] = P21[x]
-    S22[x] = P22[x]
-    P11[x] = (S11[x] + taut * _ZERO) / ng1
-    P12[x] = (S12[x] + taut * u1y) / ng1
-    P21[x] = (S21[x] + taut * _ZERO) / ng2
-    P22[x] = (S22[x] + taut * u2y) / ng2
-    if nbad:
-        for x in range(W):
-            a = A1[x]
-            b = A2[x]
-            u1x = A1[x + 1] - a if x < W - 1 else _ZERO
-            u2x = A2[x + 1] - b if x < W - 1 else _ZERO
-            u1y = B1[x] - a
-            u2y = B2[x] - b
-            ng1 = _ONE + taut * F32(math.hypot(np.float64(u1x), np.float64(u1y)))   # libm, as OpenCV
-            ng2 = _ONE + taut * F32(math.hypot(np.float64(u2x), np.float64(u2y)))
-            P11[x] = (S11[x] + taut * u1x) / ng1
-            P12[x] = (S12[x] + taut * u1y) / ng1
-            P21[x] = (S21[x] + taut * u2x) / ng2
-            P22[x] = (S22[x] + taut * u2y) / ng2
+        ng1 = NG1[x]
+        ng2 = NG2[x]
+        P11[x] = (P11[x] + taut * (A1[x + 1] - a)) / ng1
+        P12[x] = (P12[x] + taut * (B1[x] - a)) / ng1
+        P21[x] = (P21[x] + taut * (A2[x + 1] - b)) / ng2
+        P22[x] = (P22[x] + taut * (B2[x] - b)) / ng2
+    x = W - 1
+    P11[x] = (P11[x] + taut * _ZERO) / NG1[x]
+    P12[x] = (P12[x] + taut * (B1[x] - A1[x])) / NG1[x]
+    P21[x] = (P21[x] + taut * _ZERO) / NG2[x]
+    P22[x] = (P22[x] + taut * (B2[x] - A2[x])) / NG2[x]
     return nbad
 
 
@@ -361,41 +381,42 @@ def inner_decide(colsum, terms, eps, gamma, stats):
 
 
 @njit(**_jit)
-def sweep_rows(y0, y1, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, save,
-               l_t, theta, taut):
+def sweep_rows(y0, y1, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum,
+               scratch, l_t, theta, taut):
     """V/D/U of rows y0 .. y1-1 and the dual update of rows y0 .. y1-2 (row y1-1 waits for the
-    new u of row y1). Returns the number of dual rows redone with libm's hypot."""
-    redo = 0
+    new u of row y1). Returns the number of pixels whose norm libm's hypot decided."""
+    libm = 0
     for y in range(y0, y1):
         _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta)
         if y > y0:
-            redo += _dual_row(y - 1, u1, u2, p11, p12, p21, p22, save, taut) > 0
-    return redo
+            libm += _dual_row(y - 1, u1, u2, p11, p12, p21, p22, scratch, taut)
+    return libm
 
 
 @njit(**_jit)
-def dual_row(y, u1, u2, p11, p12, p21, p22, save, taut):
-    return _dual_row(y, u1, u2, p11, p12, p21, p22, save, taut) > 0
+def dual_row(y, u1, u2, p11, p12, p21, p22, scratch, taut):
+    """_dual_row as a callable kernel: the last row's dual update (and the tests')."""
+    return _dual_row(y, u1, u2, p11, p12, p21, p22, scratch, taut)
 
 
 @njit(**_jit)
-def inner_serial(I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, save,
+def inner_serial(I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, scratch,
                  l_t, theta, taut, eps, gamma, n_iter, stats):
     """Up to n_iter fused iterations, stopping as OpenCV does once the error is not > eps.
-    Returns whether the last error was still > eps. stats: [iterations, exact sums, hypot redos]."""
+    Returns whether the last error was still > eps. stats: [iterations, exact sums, libm hypot pixels]."""
     H = u1.shape[0]
     for _ in range(n_iter):
         colsum[:] = 0.0
         stats[2] += sweep_rows(0, H, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum,
-                               save, l_t, theta, taut)
-        stats[2] += dual_row(H - 1, u1, u2, p11, p12, p21, p22, save, taut)
+                               scratch, l_t, theta, taut)
+        stats[2] += dual_row(H - 1, u1, u2, p11, p12, p21, p22, scratch, taut)
         if not _decide(colsum, terms, eps, gamma, stats):
             return False
     return True
 
 
 @njit(parallel=True, **_jit)
-def inner_parallel(bands, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsums, saves,
+def inner_parallel(bands, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsums, scratches,
                    l_t, theta, taut, eps, gamma, n_iter, stats):
     """inner_serial with bands of rows in parallel. Each band pipelines its own rows: V/D/U of all
     of them, the dual update of all but its last. That last row's dual update needs the next
@@ -404,19 +425,19 @@ def inner_parallel(bands, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, z
     rounding bound (else the exact serial float sum), so neither banding nor thread count can
     change a result."""
     nb = bands.shape[0] - 1
-    redo = np.zeros(nb, np.int64)
+    libm = np.zeros(nb, np.int64)
     more = True
     for _ in range(n_iter):
         for b in prange(nb):
             colsums[b, :] = 0.0
-            redo[b] += sweep_rows(bands[b], bands[b + 1], I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22,
-                                  zrow, terms, colsums[b], saves[b], l_t, theta, taut)
+            libm[b] += sweep_rows(bands[b], bands[b + 1], I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22,
+                                  zrow, terms, colsums[b], scratches[b], l_t, theta, taut)
         for b in prange(nb):
-            redo[b] += dual_row(bands[b + 1] - 1, u1, u2, p11, p12, p21, p22, saves[b], taut)
+            libm[b] += dual_row(bands[b + 1] - 1, u1, u2, p11, p12, p21, p22, scratches[b], taut)
         for b in range(1, nb):
             colsums[0] += colsums[b]
         if not _decide(colsums[0], terms, eps, gamma, stats):
             more = False
             break
-    stats[2] += redo.sum()
+    stats[2] += libm.sum()
     return more

@@ -13,7 +13,9 @@ test_matches_opencv and test_matches_opencv_tiny (66 of 66; bilinear also fails
 test_warp_kernel_is_the_model); 10 instead of 30 inner iterations fails every `accurate` case (33;
 `fast` runs 10 anyway); a numpy-style pairwise error sum instead of OpenCV's serial float32 one
 fails test_error_sum_order_is_opencvs (a pinned case where the two sums fall on either side of
-epsilon) and test_error_decision_bound.
+epsilon) and test_error_decision_bound. The float32 hypot: without its low part, without the
+midpoint flag, or never moving to the neighbour it fails test_hypot_model_is_libms_or_flagged;
+flagged pixels left with the model's value fail test_hypot_near_float_midpoint_goes_to_libm.
 
 Bit identity holds against OpenCV's x86-64 wheels only (other builds fuse multiply-adds
 differently): elsewhere the module is skipped, as `unsupported` says.
@@ -266,23 +268,88 @@ def test_warp_kernel_is_the_model(use_fma):
     _assert_same(out[3], ((w0 - wx * u1) - wy * u2) - I0, "rho_c")
 
 
+def _libm_hypot_f32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):   # 3e38 and its like overflow to inf, as in OpenCV
+        return np.hypot(a.astype(np.float64), b.astype(np.float64)).astype(F32)   # glibc's hypot, as OpenCV
+
+
+def _pythagorean_midpoints(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Float legs (m^2 - n^2, 2mn) * 2^e whose hypotenuse m^2 + n^2 is an odd 25-bit integer: an
+    exact float rounding midpoint, the case libm must decide."""
+    a, b = [], []
+    while len(a) < n:
+        m, k = int(rng.integers(2048, 4096)), int(rng.integers(1, 2048))
+        h, l1, l2 = m * m + k * k, m * m - k * k, 2 * m * k
+        if (1 << 24) <= h < (1 << 25) and h % 2 == 1 and l1 < (1 << 24):
+            e = float(2.0 ** int(rng.integers(-40, 20)))
+            a.append(l1 * e)
+            b.append(l2 * e)
+    return np.array(a, F32), np.array(b, F32)
+
+
 def test_hypot_near_float_midpoint_goes_to_libm():
-    """u gradients (3k, 4k) * 2^-20 with k = 3355445: hypot is exactly 5k * 2^-20, a float rounding
-    midpoint. The dual update flags the row and redoes it with libm's hypot, as OpenCV calls it."""
+    """u gradients (a, b) whose hypot is exactly a float rounding midpoint, one where the kernel's
+    float32 model rounds the other way from libm: the dual update flags that pixel and gives it
+    libm's hypot, as OpenCV calls it."""
     from flowprep import tvl1_kernels as K
-    k = 3355445
+    ma, mb = _pythagorean_midpoints(200, np.random.default_rng(11))
+    model, flags = np.empty_like(ma), np.empty(ma.shape, np.bool_)
+    K.hypot_model(ma, mb, model, flags)
+    # |grad u| of 4 to 1000 px, so that one ulp of it survives 1 + taut*|grad u|
+    differ = np.flatnonzero((model != _libm_hypot_f32(ma, mb)) & (model > 4) & (model < 1000))
+    assert differ.size, "no midpoint where the model and libm round apart (the test needs one)"
+    ga, gb = ma[differ[0]], mb[differ[0]]
     u1 = np.zeros((2, 6), F32)
-    u1[0, 3] = F32(3 * k * 2.0 ** -20)   # u1x at x = 2 is 3k * 2^-20
-    u1[1, 2] = F32(4 * k * 2.0 ** -20)   # u1y at x = 2 is 4k * 2^-20
+    u1[0, 3] = ga   # u1x at x = 2
+    u1[1, 2] = gb   # u1y at x = 2
     u2 = np.zeros_like(u1)
     p = [np.full((2, 6), F32(0.25)) for _ in range(4)]
     taut = F32(0.25 / 0.3)
-    assert K.dual_row(0, u1, u2, *p, np.empty((4, 6), F32), taut), "the midpoint row was not flagged"
+    assert K.dual_row(0, u1, u2, *p, np.empty((3, 6), F32), taut) == 1, "the midpoint pixel was not flagged"
     ux = np.append(np.diff(u1[0]), F32(0)).astype(F32)
     uy = (u1[1] - u1[0]).astype(F32)
-    ng = F32(1) + taut * np.hypot(ux.astype(np.float64), uy.astype(np.float64)).astype(F32)
-    _assert_same(p[0][0], ((F32(0.25) + taut * ux) / ng).astype(F32), "p11 after the libm redo")
-    _assert_same(p[1][0], ((F32(0.25) + taut * uy) / ng).astype(F32), "p12 after the libm redo")
+    ng = F32(1) + taut * _libm_hypot_f32(ux, uy)
+    _assert_same(p[0][0], ((F32(0.25) + taut * ux) / ng).astype(F32), "p11 with libm's hypot")
+    _assert_same(p[1][0], ((F32(0.25) + taut * uy) / ng).astype(F32), "p12 with libm's hypot")
+
+
+def test_hypot_model_is_libms_or_flagged():
+    """The dual update's float32 hypot equals libm's (float)hypot wherever it does not flag the
+    pixel for libm: on random gradients over 22 decades, on exact rounding midpoints (which it
+    must flag), one ulp beside them, around powers of two, and on 0, tiny, huge, inf and NaN.
+    Flags stay rare on ordinary gradients (libm is the exception, not the path)."""
+    from flowprep import tvl1_kernels as K
+    rng = np.random.default_rng(11)
+    n = 200_000
+    ra = (rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 3, n)).astype(F32)
+    rb = (rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 3, n)).astype(F32)
+    ra[:1000] = 0   # a zero component, as at image borders and in flat flow
+    ma, mb = _pythagorean_midpoints(2000, rng)
+    near_a = np.concatenate([np.nextafter(ma, F32(np.inf)), np.nextafter(ma, F32(0))])
+    near_b = np.concatenate([mb, mb])
+    k = rng.integers(-30, 30, 20_000).astype(np.float64)
+    pa = (2.0 ** k * (1 + rng.uniform(-1e-3, 1e-3, k.size))).astype(F32)   # hypot near a power of two
+    pb = (pa * rng.uniform(0, 2e-3, k.size)).astype(F32)
+    # hypot just below a power of two 2^k, where the float spacing halves: a is 2^k less an ulp
+    # below it, b^2/2a spans (0, 1.5) of that ulp
+    top = 2.0 ** k
+    pa = np.concatenate([pa, (top - top * 2.0 ** -24).astype(F32)])
+    pb = np.concatenate([pb, (top * 2.0 ** -12 * np.sqrt(2 * rng.uniform(0, 1.5, k.size))).astype(F32)])
+    specials = np.array([0, -0.0, 1e-38, 1e-20, 3e-10, 1e19, 3e38, np.inf, -np.inf, np.nan, 1.0, 2.0], F32)
+    sa, sb = np.meshgrid(specials, specials)
+    a = np.concatenate([ra, ma, near_a, pa, sa.ravel()])
+    b = np.concatenate([rb, mb, near_b, pb, sb.ravel()])
+    out = np.empty_like(a)
+    flags = np.empty(a.shape, np.bool_)
+    K.hypot_model(a, b, out, flags)
+    ref = _libm_hypot_f32(a, b)
+    ok = flags | (out.view(np.int32) == ref.view(np.int32))
+    assert ok.all(), list(zip(a[~ok][:5], b[~ok][:5], out[~ok][:5], ref[~ok][:5]))
+    mid = slice(n, n + ma.size)
+    assert flags[mid].all(), "an exact rounding midpoint was not sent to libm"
+    assert flags[:n].mean() < 1e-4, f"{flags[:n].mean():.2e} of ordinary gradients went to libm"
+    assert not flags[n + ma.size:n + ma.size + near_a.size].any(), "one ulp beside a midpoint needs no libm"
+    assert (out[~flags] == ref[~flags]).sum() > n, "too few pixels decided by the model itself"
 
 
 def test_error_decision_bound():
