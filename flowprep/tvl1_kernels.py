@@ -4,7 +4,8 @@ Every kernel repeats the float32 arithmetic of the OpenCV 5.0 code it replaces, 
 operation: fastmath off (so LLVM contracts nothing into FMAs and reassociates nothing), every
 constant np.float32 (a bare Python float would turn the expression into float64), and
 error_model="numpy" (Python's model adds a division-by-zero branch that stops vectorisation). The
-only FMAs are the explicit `_fma` calls, where OpenCV's own AVX2 remap code has them.
+only FMAs are the explicit `_fma` calls: where OpenCV's own AVX2 remap code has them, and in the
+hypot model, where they compute exact residues (not OpenCV's arithmetic, but its result).
 """
 from __future__ import annotations
 
