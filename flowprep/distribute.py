@@ -41,7 +41,6 @@ class RayStats:
     """What the cluster did to a job, for its summary and manifest."""
 
     retried_tasks: int = 0     # finished tasks that ran more than once (their worker or node died)
-    unknown_attempts: int = 0  # finished tasks whose attempt number could not be read
     lost_nodes: list[dict] = field(default_factory=list)  # nodes that died while the job ran: id, ip, reason
 
 

@@ -264,9 +264,7 @@ def run_ray(fn: Callable, tasks, workers: int, cluster: Cluster) -> Iterator[tup
                         else:
                             where = "Ray's logs are on the cluster's nodes (/tmp/ray/session_latest/logs by default)"
                         result, attempt = TaskLost(f"{text}; {where}"), 0
-                    if attempt is None:
-                        st.unknown_attempts += 1
-                    elif attempt:
+                    if attempt:   # None: Ray did not say (counted as a first attempt)
                         st.retried_tasks += 1
                     done += 1
                     last_result, stuck_since, next_report = now, None, now + _REPORT_FIRST_S

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import cv2
 
-from core.layout import LISTING_KEYS
+from core.layout import LISTING_KEYS, STORE_INFO
 from core.splits import SplitsError, read_splits
 from flowprep.distribute import BACKENDS, Cluster, local_cores
 from flowprep.extract import add_backward, extract_video
@@ -43,7 +43,7 @@ from flowprep.extract_options import FREE_ON_RESUME, ExtractOptions
 from flowprep.flow import FlowSpec, check_device
 from flowprep.job import JobError, StoreJob, Summary, log
 from flowprep.store import Store, video_path
-from flowprep.store_files import read_findings, store_direction, write_findings
+from flowprep.store_files import store_direction
 from flowprep.video import scan_videos, source_changed
 
 # The command that turns a main-modules OpenCV into the contrib build TV-L1 on the CPU needs.
@@ -73,24 +73,23 @@ class ExtractJob(StoreJob):
         self.opts, self.overwrite, self.repair = opts, overwrite, repair
         self.flow = flow  # resolved once, for every task
         self.what = f"{flow.algo}{' ' + flow.preset if flow.preset else ''}, {flow.engine} engine"
-        self.findings: dict[str, str] = {}
         self.changed: dict[str, str] = {}  # whole stored videos whose source changed since: redone
 
     def store_info(self, old: dict) -> dict:
         """The store's parameters (store.json); JobError when they differ from what is asked.
         One difference is accepted: direction forward -> both (the videos gain backward flows)."""
-        out, info = self.out, self.opts.store_info(self.flow)
+        out, full = self.out, self.opts.store_info(self.flow)
         if old.get("damaged") and not self.overwrite:
-            raise JobError(f"{out / 'store.json'} is damaged, so the parameters this store was made with are "
+            raise JobError(f"{out / STORE_INFO} is damaged, so the parameters this store was made with are "
                            "unknown; run with --overwrite (redoes every video) or use another --out")
         if old.get("damaged") or not old:
             self.old = {}
-            return info
+            return full
         if old.get("adopted_from") and not self.overwrite:
             raise JobError(f"{out} was made by `flowprep adopt` from {old['adopted_from']}, not extracted: its "
                            "parameters are unknown, so extracted videos cannot join it; use another --out")
         params = {**PARAM_DEFAULTS, **{k: v for k, v in old.items() if k not in LISTING_KEYS + FREE_ON_RESUME}}
-        info = {k: v for k, v in info.items() if k not in FREE_ON_RESUME}
+        info = {k: v for k, v in full.items() if k not in FREE_ON_RESUME}
         if store_direction(params) == "both" and info["direction"] == "forward" and not self.overwrite:
             raise JobError(f"{out} holds backward flows too (direction both); resume it with --direction both, or "
                            "use --overwrite to redo every video forward only")
@@ -101,10 +100,9 @@ class ExtractJob(StoreJob):
                              for k in sorted(set(params) | set(info)) if params.get(k) != info.get(k))
             raise JobError(f"{out} was extracted with different parameters ({diff}); use the same options to "
                            "resume, another --out, or --overwrite to redo every video")
-        return self.opts.store_info(self.flow)
+        return full
 
-    def prepare(self, store: Store, manifest: dict[str, dict]) -> None:
-        self.findings = read_findings(self.out)
+    def prepare(self, store: Store) -> None:
         if self.repair:
             from flowprep.verify import verify_store
 
@@ -120,9 +118,9 @@ class ExtractJob(StoreJob):
     def plan(self, store: Store, video_id: str, source: str) -> tuple | None:
         fresh = not self.overwrite and video_id not in self.findings
         args = (str(source), str(self.out), video_id, self.opts, self.flow)
-        if fresh and store.check(video_id) is None:
-            with store.open(video_id) as v:
-                changed = source_changed(v.meta.get("source_fingerprint"), source)
+        seen = store.inspect(video_id) if fresh else None
+        if seen and seen.problem is None:
+            changed = source_changed(seen.meta.get("source_fingerprint"), source)
             if changed is None:
                 return None
             self.changed[video_id] = changed
@@ -132,7 +130,7 @@ class ExtractJob(StoreJob):
             return add_backward, args
         return extract_video, args
 
-    def before_run(self, todo: int) -> None:
+    def before_run(self) -> None:
         """The fused engine's kernels compiled once here, into numba's on-disk cache, so that the
         workers (other processes of this machine) load them instead of each compiling its own."""
         if self.flow.engine == "fused":
@@ -148,13 +146,11 @@ class ExtractJob(StoreJob):
         cores: the fused engine computes each pair's rows in parallel, to the same bits. Only with
         TAIL_MIN_THREADS or more cores to give: on fewer, threads cost more than they bring."""
         work, args = task
-        if self.flow.engine != "fused" or self.cluster.address:
+        if self.cluster.address:
             return task
         free = local_cores() - in_flight
-        threads = free // max(1, min(self.workers or free, remaining))
-        if threads < TAIL_MIN_THREADS:
-            return task
-        return work, (*args[:4], replace(self.flow, threads=threads), *args[5:])
+        flow = with_idle_cores(self.flow, free // max(1, min(self.workers or free, remaining)))
+        return task if flow is self.flow else (work, (*args[:4], flow, *args[5:]))
 
     def record_extra(self, meta: dict) -> dict:
         return {"declared_frames": meta.get("declared_frames"), "decoded_frames": meta.get("decoded_frames")}
@@ -163,7 +159,6 @@ class ExtractJob(StoreJob):
         vid = rec["id"]
         if rec["status"] in ("ok", "partial"):
             self.summary.pairs += rec["bflows"] if upgrade else rec["flows"] + rec["bflows"]
-            self.findings.pop(vid, None)
         elif self.overwrite:  # do not leave an older copy made with other parameters
             stale = video_path(self.out, vid, self.opts.format)
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
@@ -176,12 +171,19 @@ class ExtractJob(StoreJob):
         return self.opts.rgb
 
     def finish(self, store: Store) -> None:
-        write_findings(self.out, self.findings)
         if self.changed:
             shown = "".join(f"\n    {vid}: {why}" for vid, why in sorted(self.changed.items())[:20])
             self.summary.notes.append(f"{len(self.changed)} stored video(s) redone: their source changed since "
                                       f"they were extracted{shown}")
         super().finish(store)
+
+
+def with_idle_cores(flow: FlowSpec, threads: int) -> FlowSpec:
+    """`flow` computing each pair's rows on `threads` cores (the fused engine only, bit-identical),
+    or `flow` itself below TAIL_MIN_THREADS, where threads cost more than they bring."""
+    if flow.engine != "fused" or threads < TAIL_MIN_THREADS:
+        return flow
+    return replace(flow, threads=threads)
 
 
 def _check_opencv(opts: ExtractOptions) -> None:

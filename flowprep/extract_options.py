@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import cv2
 
-from core.layout import DIRECTIONS, FLOW_CODECS, FORMATS
+from core.layout import DIRECTIONS, FLOW_CODECS, FORMATS, STORE_VERSION
 from core.schema import ConfigError, Key, Options, Section, boolean, integer, number, optional, size, string
 from flowprep.distribute import BACKENDS
 from flowprep.flow import ALGORITHMS, ALGOS, DEVICE_HELP, ENGINES, PRESET_NAMES, FlowSpec, flow_spec, resolve_preset
@@ -15,7 +15,6 @@ from flowprep.presets import TVL1_PRESETS
 from flowprep.quant import DEFAULT_BOUND
 
 DEFAULT_SIZE = (340, 256)
-STORE_VERSION = 1
 
 
 def _preset_help() -> str:

@@ -41,7 +41,7 @@ from flowprep.lock import StoreLock, StoreLocked
 from flowprep.store import Store
 from flowprep.store_base import StoreError
 from flowprep.store_files import (STOP_ERRNOS, add_expected, append_manifest, os_error_sentence, read_manifest,
-                                  read_store_info, write_store_info)
+                                  read_store_info, write_findings, write_store_info)
 
 log = logging.getLogger("flowprep")
 
@@ -179,6 +179,7 @@ class StoreJob:
         self.summary = self.summary_class(out=out, total=len(videos), notes=list(notes or []), workers=workers)
         self.old: dict = {}
         self.upgrades: set[str] = set()  # videos whose task only adds to what is stored
+        self.findings: dict[str, str] = {}  # verify.json: videos found damaged, cleared as they are redone
 
     # ---------------------------------------------------------------- the command's parts
     def store_info(self, old: dict) -> dict:
@@ -190,7 +191,7 @@ class StoreJob:
         """Remove leftovers of killed writes (under the lock: no job is writing them)."""
         remove_temps(self.out)
 
-    def prepare(self, store: Store, manifest: dict[str, dict]) -> None:
+    def prepare(self, store: Store) -> None:
         """Anything to do before the videos are planned (e.g. --repair's full check)."""
 
     def plan(self, store: Store, video_id: str, source: str) -> tuple | None:
@@ -213,7 +214,7 @@ class StoreJob:
         """The record of a video whose task returned none (its worker died on every attempt)."""
         return record(video_id, source, error=reason, **self.record_extra({}))
 
-    def before_run(self, todo: int) -> None:
+    def before_run(self) -> None:
         """Anything to do once the videos are planned, before any runs (e.g. compiling kernels once)."""
 
     def for_submission(self, task: tuple, remaining: int, in_flight: int) -> tuple:
@@ -274,8 +275,9 @@ class StoreJob:
         add_expected(out, self.videos)
 
         store = Store(out)
+        self.findings = dict(store.findings)
         manifest = read_manifest(out)
-        self.prepare(store, manifest)
+        self.prepare(store)
         todo, sources = [], dict(self.videos)
         for vid, source in self.videos:
             task = self.plan(store, vid, source)
@@ -295,7 +297,7 @@ class StoreJob:
                 log.info(f"note: {note}")
 
         if todo:
-            self.before_run(len(todo))
+            self.before_run()
         injected = faults.from_env()
         counts = {"submitted": 0, "processed": 0}
 
@@ -344,6 +346,7 @@ class StoreJob:
         upgrade = vid in self.upgrades
         if rec["status"] in DONE:
             (s.upgraded if upgrade else s.done).append(vid)
+            self.findings.pop(vid, None)   # redone: what verify found is gone
             if rec["status"] == "partial" and not upgrade:
                 s.partial[vid] = rec["warning"]
         else:
@@ -363,12 +366,14 @@ class StoreJob:
         return sorted_labels(r["id"] for r in records if r.get("status") in DONE)
 
     def finish(self, store: Store) -> None:
-        """The list files and store.json's listing (labels, classes, MMAction2 settings)."""
+        """verify.json (less the videos redone), the list files and store.json's listing (labels,
+        classes, MMAction2 settings)."""
+        write_findings(self.out, self.findings)
         records = read_manifest(self.out).values()
         labels = self.labels(records)
         write_list_file(self.out, records, labels.index)
         rgb = self.has_rgb(store, records)
-        info = read_store_info(self.out)
+        info = store.info   # as _locked wrote it; nothing writes store.json until here
         lists, notes = write_lists(self.out, records, labels, rgb=rgb, previous=info.get("lists") or ())
         self.summary.notes += notes
         listing = {"labels_from": labels.source, "classes": labels.classes, "lists": lists}

@@ -32,6 +32,7 @@ and "jpeg".
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from core.layout import FLOW_CODECS, KINDS
 from flowprep import store_hdf5, store_jpeg
@@ -73,6 +74,13 @@ def open_backward_writer(fmt: str, root: str | Path, video_id: str):
     return get_format(fmt).BackwardWriter(root, video_id)
 
 
+
+class Inspection(NamedTuple):
+    """What `Store.inspect` found: the reason a video is not whole (None: it is), and what it read."""
+    problem: str | None
+    meta: dict = {}
+    bflows: int = 0
+
 class Store:
     """A store on disk. `Store(root)` reads OUT/store.json to learn the format, and OUT/verify.json:
     `check` rejects the videos the last `flowprep verify` found damaged (unless `findings=False`,
@@ -103,38 +111,40 @@ class Store:
         backward: require backward flows (default: when the store's direction is "both");
         False checks the forward part only, ignoring backward files (is it ready to gain them?).
         """
+        return self.inspect(video_id, backward).problem
+
+    def inspect(self, video_id: str, backward: bool | None = None) -> Inspection:
+        """`check`'s answer with what the one opening of the video read: its meta and backward
+        flow count (for a resume to compare the source's fingerprint without opening it again)."""
         if video_id in self.findings:
-            return f"flagged by flowprep verify: {self.findings[video_id]}; `flowprep extract` redoes it"
+            return Inspection(f"flagged by flowprep verify: {self.findings[video_id]}; `flowprep extract` redoes it")
         need = self.direction == "both" if backward is None else backward
         try:
             with self.open(video_id) as v:
+                seen = Inspection(None, v.meta, v.num_bflows)
                 if not v.meta.get("complete"):
-                    return "not marked complete"
+                    return seen._replace(problem="not marked complete")
                 if v.num_frames < 2 or v.num_flows != v.num_frames - 1:
-                    return f"{v.num_frames} frames but {v.num_flows} flows (expected frames - 1)"
+                    return seen._replace(problem=f"{v.num_frames} frames but {v.num_flows} flows (expected frames - 1)")
                 if v.num_bflows not in (0, v.num_flows):
-                    return f"{v.num_flows} forward but {v.num_bflows} backward flows"
+                    return seen._replace(problem=f"{v.num_flows} forward but {v.num_bflows} backward flows")
                 if need and v.num_bflows != v.num_flows:
-                    return ("no backward flows, and the store is --direction both; `flowprep extract --direction "
-                            "both` adds them")
+                    return seen._replace(problem="no backward flows, and the store is --direction both; `flowprep "
+                                                 "extract --direction both` adds them")
                 bflows = v.num_bflows if backward is not False else 0
                 extra = v.meta.get("extra_files") or {}  # adopted in place: source files past the stored range
                 counts = (v.count("img"), v.num_flows, v.num_flows, bflows, bflows)
                 kinds = KINDS if backward is not False else KINDS[:3]
-                return v.count_problem({k: n + int(extra.get(k, 0)) for k, n in zip(kinds, counts)})
+                return seen._replace(problem=v.count_problem({k: n + int(extra.get(k, 0))
+                                                              for k, n in zip(kinds, counts)}))
         except (StoreError, OSError, KeyError, ValueError, TypeError) as e:
-            return str(e)
+            return Inspection(str(e))
 
     def needs_backward(self, video_id: str) -> bool:
         """Whether the video's forward part is whole and it has no backward flows yet: it can gain
         them (`extract --direction both`) without being redone."""
-        if self.check(video_id, backward=False) is not None:
-            return False
-        try:
-            with self.open(video_id) as v:
-                return v.num_bflows == 0
-        except (StoreError, OSError, KeyError, ValueError):
-            return False
+        seen = self.inspect(video_id, backward=False)
+        return seen.problem is None and seen.bflows == 0
 
     def video_ids(self) -> list[str]:
         """Ids of the videos present in the store (complete or not; see `check`), sorted."""

@@ -31,7 +31,7 @@ import click
 import cv2
 import numpy as np
 
-from core.atomic import atomic_path, write_atomic
+from core.atomic import atomic_path, write_atomic, write_json
 from core.schema import Key, Section, integer, names, size
 
 # RGB colours of equal luminance (~79.9 grey levels) so the grey image does not show the colour.
@@ -220,7 +220,7 @@ def synth_dataset(out: str | Path, *, videos_per_class: int = 24, frames: int = 
                                           test_groups=test_groups),
                "train_videos": sum(r["split"] == "train" for r in records),
                "test_videos": sum(r["split"] == "test" for r in records)}
-    write_atomic(out / "synth.json", json.dumps({**summary, "video_records": records}, indent=1, sort_keys=True) + "\n")
+    write_json(out / "synth.json", {**summary, "video_records": records})
     return {"out": str(out), **summary}
 
 

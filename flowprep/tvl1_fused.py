@@ -62,11 +62,12 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from flowprep.presets import ACCURATE
+
 F32 = np.float32
-# OpenCV's DualTVL1 defaults (snake_case names as flowprep's presets); missing parameters take these.
-OPENCV_DEFAULTS = dict(tau=0.25, lambda_=0.15, theta=0.3, nscales=5, warps=5, epsilon=0.01,
-                       inner_iterations=30, outer_iterations=10, scale_step=0.8, median_filtering=5,
-                       gamma=0.0, use_initial_flow=False)
+# OpenCV's DualTVL1 defaults (the accurate preset, plus the two settings no preset changes);
+# missing parameters take these.
+OPENCV_DEFAULTS = dict(ACCURATE, gamma=0.0, use_initial_flow=False)
 _MIN_SIDE = 3   # below 3 rows or columns OpenCV's centred gradient reads outside the image
 _CPU_AVX2 = 11  # cv::CPU_AVX2
 
@@ -265,6 +266,7 @@ class FusedTVL1:
             raise ValueError(f"FusedTVL1 does not support these parameters: {reason}")
         self.threads = max(1, int(threads))
         self._levels: dict[tuple[int, int], _Level] = {}
+        self._supported: set[tuple[int, int]] = set()   # frame shapes `unsupported` passed
         self.stats = np.zeros(3, np.int64)   # inner iterations, exact error sums, libm hypot pixels
 
     def calc(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
@@ -272,9 +274,11 @@ class FusedTVL1:
         if prev.dtype != np.uint8 or nxt.dtype != np.uint8 or prev.ndim != 2 or prev.shape != nxt.shape:
             raise ValueError("FusedTVL1.calc takes two uint8 grayscale frames of one shape, got "
                              f"{prev.dtype}{prev.shape} and {nxt.dtype}{nxt.shape}")
-        reason = unsupported(self.params, prev.shape)
-        if reason:
-            raise ValueError(f"FusedTVL1 cannot match OpenCV here: {reason}")
+        if prev.shape not in self._supported:   # checked once per frame size, not per pair
+            reason = unsupported(self.params, prev.shape)
+            if reason:
+                raise ValueError(f"FusedTVL1 cannot match OpenCV here: {reason}")
+            self._supported.add(prev.shape)
         from flowprep import tvl1_kernels as K   # numba loads (or compiles) on first use only
 
         p = self.params

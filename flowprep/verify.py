@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowprep.lock import StoreLock
-from core.layout import DONE, FLOW_KINDS, KINDS, LIST_FILE
+from core.layout import DONE, FINDINGS, FLOW_KINDS, KINDS, LIST_FILE
 from flowprep.store import Store
 from flowprep.store_base import StoreError, decode_jpeg
 from flowprep.store_files import read_expected, read_manifest, write_findings
@@ -159,7 +159,7 @@ def verify_store(root: str | Path, workers: int = 4, record: bool = True, lock: 
             try:
                 write_findings(root, report.damaged)
             except OSError as e:
-                report.notes.append(f"findings not recorded in {Path(root) / 'verify.json'}: {e.strerror or e}")
+                report.notes.append(f"findings not recorded in {Path(root) / FINDINGS}: {e.strerror or e}")
     finally:
         if held is not None:
             held.release()

@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flowprep.job import JobError as AdoptError
+from flowprep.job import JobError
 from flowprep.adopt_scan import jpeg_size
 from flowprep.adopt import run_adopt
 from twostream.flowprep_cli import main as cli
-from flowprep.job import JobError as ExtractError
 from flowprep.extract_options import ExtractOptions
 from flowprep.extract_job import run_extract
 from flowprep.store import Store
-from flowprep.store_files import read_manifest
+from flowprep.store_files import read_manifest, write_findings
 from flowprep.verify import verify_store
 from trainer_toy import toy_config, toy_video
 from videos import write_moving_video
@@ -97,6 +96,20 @@ def test_denseflow_rawframes_adopted_by_hard_links_and_the_trainer_trains_on_the
 
     summary = train(toy_config(tmp_path, out, splits, epochs=1), "temporal")
     assert [r["epoch"] for r in summary["log"]] == [1]
+
+
+def test_a_video_verify_found_damaged_is_adopted_again_and_its_finding_cleared(tmp_path):
+    """verify.json sends a damaged video back to be redone; once adopt has redone it, the finding
+    goes, so the trainer takes the video and the next adopt skips it."""
+    src, out = tmp_path / "rawframes", tmp_path / "store"
+    written = write_rawframes(src, per_class=(2, 1))
+    run_adopt(src, out, progress=False)
+    write_findings(out, {CUT: "flow_x_00002.jpg: CRC mismatch"})
+    assert Store(out).check(CUT) is not None
+    again = run_adopt(src, out, progress=False)
+    assert again.adopted == [CUT] and sorted(again.skipped) == sorted(set(written) - {CUT})
+    assert not (out / "verify.json").exists() and Store(out).check(CUT) is None
+    assert run_adopt(src, out, progress=False).adopted == []
 
 
 def test_store_names_are_adopted_in_place_writing_only_the_store_files(tmp_path):
@@ -230,7 +243,7 @@ def test_copy_move_and_links_across_file_systems(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(os, "link", no_links)
-        with pytest.raises(AdoptError, match="different file systems.*--copy"):
+        with pytest.raises(JobError, match="different file systems.*--copy"):
             run_adopt(src, tmp_path / "linked", progress=False)
         assert not list((tmp_path / "linked").rglob("*.jpg"))
         copied = run_adopt(src, tmp_path / "copied", mode="copy", progress=False)
@@ -248,17 +261,17 @@ def test_adopted_and_extracted_stores_do_not_mix(tmp_path):
     out = tmp_path / "store"
     run_adopt(src, out, progress=False)
     write_moving_video(tmp_path / "videos/a/v.avi", n=4)
-    with pytest.raises(ExtractError, match="made by `flowprep adopt`"):
+    with pytest.raises(JobError, match="made by `flowprep adopt`"):
         run_extract(tmp_path / "videos", out, ExtractOptions(size=(64, 48), preset="fast"), backend="joblib",
                     progress=False)
     extracted = tmp_path / "extracted"
     run_extract(tmp_path / "videos", extracted, ExtractOptions(size=(64, 48), preset="fast"), backend="joblib",
                 workers=1, progress=False)
-    with pytest.raises(AdoptError, match="made by `flowprep extract`"):
+    with pytest.raises(JobError, match="made by `flowprep extract`"):
         run_adopt(src, extracted, progress=False)
-    with pytest.raises(AdoptError, match="--bound 20.0, asked 10"):
+    with pytest.raises(JobError, match="--bound 20.0, asked 10"):
         run_adopt(src, out, bound=10.0, progress=False)
-    with pytest.raises(AdoptError, match="not named as in a store.*--out DIR"):
+    with pytest.raises(JobError, match="not named as in a store.*--out DIR"):
         run_adopt(src, progress=False)  # in place, but 0-based x_ names
 
 

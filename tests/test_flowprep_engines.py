@@ -86,3 +86,14 @@ def test_where_the_fused_engine_cannot_match_opencv_computes_and_the_manifest_sa
     assert recs["opencv"]["engine"] == "opencv"
     a, b = (sorted((tmp_path / e / "run" / "v0").iterdir()) for e in ("fused", "opencv"))
     assert [p.name for p in a] == [p.name for p in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+
+
+def test_idle_cores_go_to_the_fused_engine_from_four_on():
+    """A job's last videos (and predict's one at a time) get the idle cores as row threads: the
+    fused engine only (OpenCV's DualTVL1 is single-threaded here), and only with 4 or more to give."""
+    from flowprep.extract_job import with_idle_cores
+    from flowprep.flow import flow_spec
+
+    fused, opencv = flow_spec("tvl1", "fast", engine="fused"), flow_spec("tvl1", "fast", engine="opencv")
+    assert with_idle_cores(fused, 4).threads == 4 and with_idle_cores(fused, 15).threads == 15
+    assert with_idle_cores(fused, 3) is fused and with_idle_cores(opencv, 16) is opencv

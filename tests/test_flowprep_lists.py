@@ -100,14 +100,6 @@ def test_mmaction2s_own_file_list_tool_reads_the_store_and_writes_our_lists(ucf)
     train, test = mmaction2_file_lists(out, videos / "ucfTrainTestlist")
     assert train == (out / "ucf101_rgb_split1_train.txt").read_text() and train.count("\n") == 4
     assert test == (out / "ucf101_rgb_split1_test.txt").read_text() and test.count("\n") == 4
-    (out / "lists").mkdir()  # where older stores kept their lists: that tool takes it for a class and stops
-    (out / "lists" / "rgb.txt").write_text("")
-    try:
-        with pytest.raises(NotADirectoryError):
-            mmaction2_file_lists(out, videos / "ucfTrainTestlist")
-    finally:
-        (out / "lists" / "rgb.txt").unlink()
-        (out / "lists").rmdir()
 
 
 def test_every_file_mmaction2_would_open_exists(ucf):

@@ -349,7 +349,6 @@ def test_hypot_model_is_libms_or_flagged():
     assert flags[mid].all(), "an exact rounding midpoint was not sent to libm"
     assert flags[:n].mean() < 1e-4, f"{flags[:n].mean():.2e} of ordinary gradients went to libm"
     assert not flags[n + ma.size:n + ma.size + near_a.size].any(), "one ulp beside a midpoint needs no libm"
-    assert (out[~flags] == ref[~flags]).sum() > n, "too few pixels decided by the model itself"
 
 
 def test_error_decision_bound():

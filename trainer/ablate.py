@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.atomic import write_atomic
+from core.atomic import write_atomic, write_json
 from core.schema import Pipeline, require_pipeline
 from flowprep.store import Store
 from flowprep.store_files import read_store_info
@@ -146,11 +146,11 @@ def ablate(cfg: Pipeline, only: list[str] | None = None) -> dict:
             continue
         log.info(f"ablate [{i}/{len(cells)}] {cell.name}: training ...")
         res = run_cell(cfg, cell, out)
-        write_atomic(path, json.dumps(res, indent=1, sort_keys=True) + "\n")
+        write_json(path, res)
         log.info(f"ablate [{i}/{len(cells)}] {cell.name}: top-1 {100 * res['top1']:.2f}%, mean class "
                  f"{100 * res['mean_class_acc']:.2f}% ({res['seconds']:.0f} s)")
         results.append(res)
-    paths = {"json": write_atomic(out / "table.json", json.dumps({"cells": results}, indent=1, sort_keys=True) + "\n"),
+    paths = {"json": write_json(out / "table.json", {"cells": results}),
              "markdown": write_atomic(out / "table.md", render(results))}
     return {"cells": results, "paths": paths}
 

@@ -123,7 +123,7 @@ def evaluate(model, criterion, loader, device, logits_fn) -> dict:
 
 def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: dict, run_dir: Path, meta: dict,
         logits_fn: Callable[[nn.Module], Callable], identity: dict, *, rank: int = 0, world: int = 1,
-        local: int = 0, criterion: nn.Module | None = None) -> dict:
+        local: int = 0) -> dict:
     """Train `model` for args["epochs"] epochs into `run_dir`; returns a summary.
 
     loaders: (sampler, training loader, validation loader or None); params: what the optimizer
@@ -133,7 +133,7 @@ def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: di
     """
     sampler, loader, val_loader = loaders
     name = args["name"]
-    criterion = criterion or nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss()   # a stream's logits, or the joint net's fused log-probabilities
     optimizer = make_optimizer(params, args)
     scheduler = make_scheduler(optimizer, args, len(loader))
     start_epoch, best_score, best_epoch, records = 0, None, None, []

@@ -22,7 +22,6 @@ Scores are passed as one `Scores` per stream, in the order of fusion.streams.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from core.atomic import save_atomic, write_atomic
+from core.atomic import save_atomic, write_json
 from trainer.scores import Scores
 from trainer.svm import LinearSVM, SVMError, svm_fit, svm_predict
 
@@ -236,9 +235,9 @@ def _fit_head(kind: str):
     def fit(parts: dict, settings: dict, test: Sequence[Scores]) -> dict:
         import torch
 
-        from trainer.heads import make_fusion
+        from trainer.heads import FUSIONS, make_fusion
 
-        uses_features = kind in ("feature", "attention")
+        uses_features = FUSIONS[kind].uses == "features"
         if kind == "calibrated":
             fit_on, val = _joined(parts["train"], parts.get("val")), None
         else:
@@ -309,10 +308,11 @@ def _fit_calibration(module, inputs) -> dict:
 def _apply_head(params: dict, streams: Sequence[Scores]) -> np.ndarray:
     import torch
 
-    from trainer.heads import fusion_module
+    from trainer.heads import FUSIONS, fusion_module
 
-    module = fusion_module(params["module"]["kind"], params, len(streams))
-    x, f, _ = _inputs(streams, params["module"]["kind"] in ("feature", "attention"))
+    kind = params["module"]["kind"]
+    module = fusion_module(kind, params, len(streams))
+    x, f, _ = _inputs(streams, FUSIONS[kind].uses == "features")
     with torch.no_grad():
         return torch.softmax(module(x, f), -1).double().numpy()
 
@@ -372,8 +372,7 @@ def save_fitted(out_dir: Path, fitted: dict) -> dict[str, Path]:
     import torch
 
     return {"fusion": save_atomic(out_dir / "fusion.pt", lambda p: torch.save(_tensors(fitted), p)),
-            "fusion_json": write_atomic(out_dir / "fusion.json",
-                                        json.dumps(describe(fitted), indent=1, sort_keys=True) + "\n")}
+            "fusion_json": write_json(out_dir / "fusion.json", describe(fitted))}
 
 
 def _numpy(obj):

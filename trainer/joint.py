@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from core.progress import Progress
 from core.schema import Pipeline, require_pipeline
@@ -130,7 +129,7 @@ def train_joint(cfg: Pipeline, method: str) -> dict:
     identity = {"fusion": method, "streams": streams, "class_names": list(net.class_names)}
     # The fused loss: cross-entropy of the fused log-probabilities, the fused negative log-likelihood.
     summary = fit(net, [p for p in net.parameters() if p.requires_grad], loaders, device, args, run_dir, meta,
-                  logits_fn, identity, rank=rank, world=world, local=local, criterion=nn.CrossEntropyLoss())
+                  logits_fn, identity, rank=rank, world=world, local=local)
     if joined:
         dist.destroy_process_group()
     return summary

@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 
 from flowprep.extract import extract_video
 from flowprep.distribute import local_cores
-from flowprep.extract_job import TAIL_MIN_THREADS
+from flowprep.extract_job import with_idle_cores
 from flowprep.extract_options import STORE_KEYS, ExtractOptions
 from flowprep.store_files import read_store_info, write_store_info
 from trainer.checkpoint import load_best
@@ -81,9 +80,7 @@ def predict_videos(cfg: Pipeline, videos: list[str | Path], device: str | None =
     with tempfile.TemporaryDirectory(prefix="twostream-predict-") as tmp:
         root = Path(tmp) / "store"
         flow = opts.flow_spec()  # what the store was made with, resolved once
-        cores = local_cores()
-        if flow.engine == "fused" and cores >= TAIL_MIN_THREADS:  # one video at a time: its rows in parallel
-            flow = replace(flow, threads=cores)
+        flow = with_idle_cores(flow, local_cores())   # one video at a time: its rows in parallel
         write_store_info(root, opts.store_info(flow))
         ids, sources, counts = [], [], []
         for k, src in enumerate(videos):

@@ -5,7 +5,6 @@ scores always give byte-identical files (they can be diffed between runs).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from core.atomic import write_atomic
+from core.atomic import write_atomic, write_json
+from core.splits import ids_checksum
 
 DIGITS = 6
 
@@ -109,12 +109,8 @@ def build_report(results: dict[str, np.ndarray], labels: np.ndarray, class_names
         report["confusion_of"] = shown
         report["confusion"] = confusion_matrix(results[shown], labels, n_cls).tolist()
     if video_ids:
-        report["video_ids_checksum"] = _checksum(video_ids)
+        report["video_ids_checksum"] = ids_checksum(list(video_ids))
     return report
-
-
-def _checksum(video_ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(video_ids).encode()).hexdigest()[:16]
 
 
 def _pct(x: float | None) -> str:
@@ -241,7 +237,7 @@ def write_report(out_dir: str | Path, report: dict, confusion_title: str = "") -
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json"}
     write_atomic(paths["markdown"], render_markdown(report))
-    write_atomic(paths["json"], json.dumps(report, indent=1, sort_keys=True) + "\n")
+    write_json(paths["json"], report)
     if report.get("confusion") is not None:
         title = confusion_title or f"confusion: {report['confusion_of']} fusion (rows: true class, row-normalised)"
         ok, png = cv2.imencode(".png", draw_confusion(np.array(report["confusion"]), report["classes"], title))
