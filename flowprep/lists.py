@@ -34,11 +34,12 @@ from typing import Iterable
 from core.atomic import write_atomic
 from core.ids import video_class
 from core.layout import DONE, LIST_FILE, LISTS
-from core.splits import Labels
+from core.splits import Labels, sorted_labels
 
 
-def _line(rec: dict, count: int, labels: Labels) -> str:
-    return f"{rec['id']} {count} {labels.index[video_class(rec['id'])]}\n"
+def _line(rec: dict, count: int, index: dict[str, int]) -> str:
+    """`<video_dir> <count> <label index>`: the line of every list file."""
+    return f"{rec['id']} {count} {index[video_class(rec['id'])]}\n"
 
 
 def write_lists(root: str | Path, records: Iterable[dict], labels: Labels, rgb: bool = True,
@@ -58,7 +59,7 @@ def write_lists(root: str | Path, records: Iterable[dict], labels: Labels, rgb: 
     written = []
     for kind, key in kinds:
         written.append(f"{kind}.txt")
-        write_atomic(root / f"{kind}.txt", "".join(_line(r, r[key], labels) for r in listed))
+        write_atomic(root / f"{kind}.txt", "".join(_line(r, r[key], labels.index) for r in listed))
     for n, parts in sorted(labels.splits.items()):
         for part, ids in parts.items():
             present = [done[v] for v in ids if v in done and video_class(v) in labels.index]
@@ -68,7 +69,7 @@ def write_lists(root: str | Path, records: Iterable[dict], labels: Labels, rgb: 
             for kind, key in kinds:
                 name = f"{labels.dataset}_{kind}_split{n}_{part}.txt"
                 written.append(name)
-                write_atomic(root / name, "".join(_line(r, r[key], labels) for r in present))
+                write_atomic(root / name, "".join(_line(r, r[key], labels.index) for r in present))
     for old in set(previous) - set(written):  # lists of an earlier --splits that no longer apply
         if "/" not in old and old.endswith(".txt") and old != LIST_FILE:
             (root / old).unlink(missing_ok=True)
@@ -93,8 +94,7 @@ def write_list_file(root: str | Path, records: Iterable[dict], labels: dict[str,
     """
     done = sorted((r for r in records if r.get("status") in DONE), key=lambda r: r["id"])
     if labels is None:
-        labels = {c: i for i, c in enumerate(sorted({video_class(r["id"]) for r in done}))}
+        labels = sorted_labels(r["id"] for r in done).index
     path = Path(root) / LIST_FILE
-    write_atomic(path, "".join(f"{r['id']} {r['frames']} {labels[video_class(r['id'])]}\n" for r in done
-                               if video_class(r["id"]) in labels))
+    write_atomic(path, "".join(_line(r, r["frames"], labels) for r in done if video_class(r["id"]) in labels))
     return path

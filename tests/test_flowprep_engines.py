@@ -13,7 +13,7 @@ from flowprep.extract_job import run_extract
 from flowprep.extract_options import ExtractOptions
 from flowprep.faults import EXIT_ENV
 from flowprep.store_files import read_manifest, write_store_info
-from videos import store_files, write_moving_video
+from videos import assert_same_store, write_moving_video
 
 pytestmark = pytest.mark.skipif(tvl1_fused._machine_problem() is not None,
                                 reason=f"fused TV-L1 not bit-identical here: {tvl1_fused._machine_problem()}")
@@ -30,15 +30,7 @@ def videos(tmp_path_factory):
 
 
 def same_store_but_the_engine(a, b) -> None:
-    """Every file byte for byte (the manifest is history), store.json but its "engine"."""
-    fa, fb = store_files(a), store_files(b)
-    assert sorted(fa) == sorted(fb)
-    for name in fa:
-        if name == "store.json":
-            ja, jb = (json.loads(p.read_text()) for p in (fa[name], fb[name]))
-            assert {k: v for k, v in ja.items() if k != "engine"} == {k: v for k, v in jb.items() if k != "engine"}
-        else:
-            assert fa[name].read_bytes() == fb[name].read_bytes(), name
+    assert_same_store(a, b, store_json_but=("engine",))
 
 
 @pytest.mark.parametrize("fmt,preset", [("jpeg", "accurate"), ("hdf5", "fast")])

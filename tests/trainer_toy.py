@@ -123,9 +123,33 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, stream: str) -> None
     main(cfg, stream)
 
 
-def killed_in_second_epoch(real):
-    """trainer.fit.train_one_epoch as a job killed two steps into its second epoch would run it:
-    monkeypatch it in, and the run stops there (KeyboardInterrupt) with its first epoch committed."""
+def kill_in_second_epoch(monkeypatch, run) -> None:
+    """Run `run()` as a job killed two steps into its second epoch: it stops there
+    (KeyboardInterrupt) with its first epoch committed. Then reseed torch, as the fresh process
+    that resumes it would not share our RNG state either."""
+    import pytest
+    import torch
+
+    import trainer.fit as fit_mod
+
+    real = fit_mod.train_one_epoch
+    monkeypatch.setattr(fit_mod, "train_one_epoch", _killed_in_second_epoch(real))
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(fit_mod, "train_one_epoch", real)
+    torch.manual_seed(123)
+
+
+def log_without_speed(path) -> list[dict]:
+    """A run's log.jsonl without samples_per_s (the one field that differs between equal runs)."""
+    import json
+
+    return [{k: v for k, v in json.loads(x).items() if k != "samples_per_s"}
+            for x in Path(path).read_text().splitlines()]
+
+
+def _killed_in_second_epoch(real):
+    """trainer.fit.train_one_epoch as a job killed two steps into its second epoch would run it."""
     import itertools
 
     class FirstSteps:

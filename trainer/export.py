@@ -24,7 +24,7 @@ from torch import nn
 
 from trainer.checkpoint import load_best
 from trainer.evaluate import load_stream_model
-from trainer.models import first_conv_name
+from trainer.models import TORCHVISION_ARCHS, first_conv_name
 from trainer.streams import get_input
 from trainer.transforms import eval_scale
 from core.atomic import save_atomic, write_atomic
@@ -70,7 +70,7 @@ def preprocessing(ck: dict, cfg: dict) -> dict:
         "class_names": list(ck["class_names"]),
         "torchvision": (f"torchvision.models.{ck['arch']}(num_classes={ck['num_classes']}) loads best.pt['model']"
                         + (f" after replacing {first_conv_name(ck['arch'])} by a {ck['in_channels']}-channel conv"
-                           if ck["in_channels"] != 3 else "")) if ck["arch"] != "cnn_m_2048" else None,
+                           if ck["in_channels"] != 3 else "")) if ck["arch"] in TORCHVISION_ARCHS else None,
         "extraction": {k: store_info.get(k) for k in ("size", "short_side", "step", "algo", "preset", "bound",
                                                     "jpeg_quality", "engine")} if store_info else None,
         "input_size": input_size(ck["arch"], crop),
@@ -81,7 +81,7 @@ def input_size(arch: str, crop: int) -> dict:
     """Which H x W each exported file takes. TorchScript (traced) any; ONNX any too where the
     backbone pools adaptively before its classifier (torchvision's ResNets and VGGs), else
     exactly the training crop (the paper's CNN-M-2048 has a fixed-size classifier)."""
-    free = arch != "cnn_m_2048"
+    free = arch in TORCHVISION_ARCHS
     return {"torchscript": "any H x W (the test protocol's crops are crop_size x crop_size)",
             "onnx": "any H x W (dynamic axes)" if free else f"{crop} x {crop} only (this architecture's classifier "
                                                            "takes a fixed size)"}
@@ -110,7 +110,7 @@ def export_stream(cfg: Pipeline, stream: str, out_dir: str | Path, onnx: bool = 
             # the TorchScript-based exporter: the dynamo one needs onnxscript, one more package
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
-                axes = {0: "batch", 2: "height", 3: "width"} if ck["arch"] != "cnn_m_2048" else {0: "batch"}
+                axes = {0: "batch", 2: "height", 3: "width"} if ck["arch"] in TORCHVISION_ARCHS else {0: "batch"}
                 paths["onnx"] = save_atomic(out_dir / f"{stream}.onnx", lambda p: torch.onnx.export(
                     model, (example,), str(p), dynamo=False, input_names=["x"], output_names=["logits"],
                     dynamic_axes={"x": axes, "logits": {0: "batch"}}))

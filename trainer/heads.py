@@ -143,13 +143,16 @@ class LearnedFusion(Fusion):
         return self.mlp(torch.cat(list(logps), -1))
 
 
-class FeatureFusion(Fusion):
+class _OnFeatures(Fusion):
+    """Base of the heads on the streams' pooled backbone features (`dims`: their sizes)."""
     uses = "features"
 
     @classmethod
-    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "FeatureFusion":
+    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "_OnFeatures":
         return cls(list(dims), num_classes, kw.get("hidden", 256), kw.get("dropout", 0.2))
 
+
+class FeatureFusion(_OnFeatures):
     def __init__(self, dims: Sequence[int], num_classes: int, hidden: int = 256, dropout: float = 0.2):
         super().__init__()
         self.mlp = _mlp(sum(dims), hidden, num_classes, dropout)
@@ -161,13 +164,7 @@ class FeatureFusion(Fusion):
         return self.mlp(torch.cat(list(feats), -1))
 
 
-class AttentionFusion(Fusion):
-    uses = "features"
-
-    @classmethod
-    def build(cls, n: int, num_classes: int, dims: Sequence[int], **kw) -> "AttentionFusion":
-        return cls(list(dims), num_classes, kw.get("hidden", 256), kw.get("dropout", 0.2))
-
+class AttentionFusion(_OnFeatures):
     def __init__(self, dims: Sequence[int], num_classes: int, hidden: int = 256, dropout: float = 0.2):
         super().__init__()
         self.n = len(dims)
