@@ -227,14 +227,16 @@ def _hypot_model_holds() -> bool:
     return bool(np.array_equal(np.hypot(a, b).astype(F32), np.sqrt(a * a + b * b).astype(F32)))
 
 
-def _gamma(n: int) -> float:
-    """Relative bound used by the error decision (see tvl1_kernels._decide) for n terms."""
-    k = n - 1
+def _gamma(n: int, rows: int) -> float:
+    """Relative bound used by the error decision (see tvl1_kernels._decide) for n terms whose
+    float32 column sums have at most `rows` terms each."""
+    k, r = n - 1, rows - 1
     if k * 2.0 ** -24 >= 0.25:
         return math.inf   # too many terms for a useful bound: always the exact serial sum
-    gf = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)
-    gd = k * 2.0 ** -53 / (1 - k * 2.0 ** -53)
-    return 2.0 * (gf + gd) + 1e-12
+    gf = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)   # OpenCV's serial float sum
+    gc = r * 2.0 ** -24 / (1 - r * 2.0 ** -24)   # a column's float sum
+    gd = k * 2.0 ** -53 / (1 - k * 2.0 ** -53)   # the double sum of the column sums
+    return 2.0 * (gf + gc + gd) + 1e-12
 
 
 class _Level:
@@ -246,9 +248,9 @@ class _Level:
         self.I1wx, self.I1wy, self.grad, self.rho_c, self.terms = (e(h, w) for _ in range(5))
         self.p = [e(h, w) for _ in range(4)]
         self.zrow = np.zeros(w, F32)
-        self.colsum = np.empty((bands, w), np.float64)
+        self.colsum = np.empty((bands, w), F32)   # per band, the float32 sum of each column
         self.scratch = e(bands, 3, w)   # a dual row's two norms and its libm flags
-        self.gamma = _gamma(h * w)
+        self.gamma = _gamma(h * w, h)
 
 
 class FusedTVL1:
@@ -328,7 +330,7 @@ class FusedTVL1:
                         more = K.inner_parallel(bands, *args, lv.colsum, lv.scratch, l_t, theta, taut, eps, lv.gamma,
                                                 int(p["inner_iterations"]), self.stats)
                     else:
-                        more = K.inner_serial(*args, lv.colsum[0], lv.scratch[0], l_t, theta, taut, eps, lv.gamma,
+                        more = K.inner_serial(*args, lv.colsum, lv.scratch[0], l_t, theta, taut, eps, lv.gamma,
                                               int(p["inner_iterations"]), self.stats)
             if s == 0:
                 break

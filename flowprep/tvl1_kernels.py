@@ -185,8 +185,8 @@ def _v(rho_c, ix_, iy_, g, u1k, u2k, l_t, nl_t):
 @njit(inline="always", **_jit)
 def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta):
     """estimateV + divergence + estimateU of row y. terms[y] = the row's error terms (kept for
-    the exact serial sum); colsum accumulates them per column in double (vectorisable, unlike a
-    running sum along the row)."""
+    the exact serial sum); colsum accumulates them per column in float32, in the same vectorised
+    loop (a running sum along the row would not vectorise; the decision bounds its rounding)."""
     W = u1.shape[1]
     p12m = p12[y - 1] if y > 0 else zrow   # row -1 of p is zero: (a - b) + (c - 0) == (a - b) + c
     p22m = p22[y - 1] if y > 0 else zrow
@@ -202,6 +202,7 @@ def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms
     P21 = p21[y]
     P22 = p22[y]
     T = terms[y]
+    C = colsum
     # x = 0: OpenCV's first column associates as (p11 + p12) - p12[y-1]
     u1k = U1[0]
     u2k = U2[0]
@@ -212,7 +213,9 @@ def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms
     U2[0] = n2
     e1 = n1 - u1k
     e2 = n2 - u2k
-    T[0] = e1 * e1 + e2 * e2
+    t = e1 * e1 + e2 * e2
+    T[0] = t
+    C[0] += t
     for x in range(1, W):
         u1k = U1[x]
         u2k = U2[x]
@@ -223,15 +226,40 @@ def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms
         U2[x] = n2
         e1 = n1 - u1k
         e2 = n2 - u2k
-        T[x] = e1 * e1 + e2 * e2
-    for x in range(W):
-        colsum[x] += np.float64(T[x])
+        t = e1 * e1 + e2 * e2
+        T[x] = t
+        C[x] += t
 
 
 _TOL = F32(2.0 ** -19)
-_KULP = F32(2.0 ** -24 * (1 + 2.0 ** -10))
+_ULP = F32(2.0 ** -23)
 _TINY = F32(2.0 ** -30)
 _HUGE = F32(2.0 ** 60)
+_EXP = np.int32(0x7F800000)
+_MANT = np.int32(0x007FFFFF)
+
+
+@intrinsic
+def _bits(typingctx, x):
+    """The int32 bit pattern of a float32 (a no-op in registers; vectorises)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _float(typingctx, i):
+    """The float32 with the bit pattern of an integer's low 32 bits."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if i.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+    return types.float32(i), codegen
 
 
 @njit(inline="always", **_jit)
@@ -240,16 +268,17 @@ def _hyp(a, b):
     arithmetic alone (as many lanes a vector as floats; no double square root).
 
     S = a^2 + b^2 exactly is sh + e + pl + ql (FMA residues of the squares, TwoSum of their sum),
-    sl ~ e + pl + ql. r0 = sqrt(sh) is within an ulp of sqrt(S) (sh is within 2^-23 S of S), so the
-    answer is r0 or a neighbour. With u the float spacing on one side of r0, sqrt(S) passes the
-    midpoint r0 +- u/2 iff D = S - r0^2 passes +-(r0*u) (up to u^2/4 < 2^-24 r0*u). t = (sh - r0^2,
-    exact by FMA) + sl is D to within about 2^-21 r0*u, so m = |t| - r0*u picks r0 (m < 0) or the
-    neighbour on t's side (m > 0). libm decides, as OpenCV calls it, when m is within 2^-19 r0*u of
-    0 (near a midpoint: glibc's double hypot, within an ulp of double, rounds to float the other way
-    only within 2^-27 r0*u of it) or past 2 r0*u (a guard: the neighbour's far midpoint), and when
-    |a| + |b| is outside [2^-30, 2^60) but not 0 (subnormal residues, overflow, inf, NaN). a = b = 0
-    gives 0 unflagged. tests/test_tvl1_fused.py checks flagged-or-equal against libm on random,
-    near-midpoint and near-power-of-two pairs."""
+    sl ~ e + pl + ql. r0 = sqrt(sh) is within 1.5 float spacings u of sqrt(S) (|S - sh| <= 2^-23 sh),
+    so the answer is r0 or a neighbour. With u = 2^(exponent(r0) - 23), the spacing above r0 (and
+    below it unless r0 is a power of two), sqrt(S) passes the midpoint r0 +- u/2 iff D = S - r0^2
+    passes +-(r0*u + u^2/4). t = (sh - r0^2, exact by FMA) + sl is D to within about 2^-21 r0*u, so
+    m = |t| - r0*u picks r0 (m < 0) or the neighbour on t's side (m > 0). libm decides, as OpenCV
+    calls it, when m is within 2^-19 r0*u of 0 (near a midpoint: glibc's double hypot, within an
+    ulp of double, rounds to float the other way only within 2^-27 r0*u of it), when r0 is a power
+    of two and t < 0 (the spacing below is u/2), and when r0 is outside [2^-30, 2^60) but a or b is
+    not 0 (subnormal residues, overflow, inf, NaN). a = b = 0 gives 0 unflagged.
+    tests/test_tvl1_fused.py checks flagged-or-equal against libm on random, near-midpoint and
+    near-power-of-two pairs."""
     ph = a * a
     pl = _fma(a, a, -ph)
     qh = b * b
@@ -260,18 +289,13 @@ def _hyp(a, b):
     sl = (e + pl) + ql
     r0 = np.sqrt(sh)
     t = _fma(-r0, r0, sh) + sl
-    # the spacing above and below r0 (below a power of two it is half), exactly: k = r0*_KULP lies
-    # within (u/2, 3u/2) of the spacing u on either side, so r0 +- k rounds to the neighbour
-    k = r0 * _KULP
-    up = (r0 + k) - r0
-    dn = r0 - (r0 - k)
-    neg = t < _ZERO
-    thr = r0 * (dn if neg else up)
+    rb = _bits(r0)
+    u = _float(rb & _EXP) * _ULP          # exact: a power of two times a power of two
+    thr = r0 * u                          # exact for the same reason (r0 normal here, else flagged)
     m = np.abs(t) - thr
-    tol = thr * _TOL
-    c = ((r0 - dn) if neg else (r0 + up)) if m > _ZERO else r0
-    s1 = np.abs(a) + np.abs(b)
-    flag = (np.abs(m) < tol) | (m > (thr + thr) - tol) | ((s1 < _TINY) & (s1 != _ZERO)) | ~(s1 < _HUGE)
+    c = r0 + np.copysign(u, t) if m > _ZERO else r0
+    flag = ((np.abs(m) < thr * _TOL) | ((t < _ZERO) & ((rb & _MANT) == 0))
+            | ((r0 < _TINY) & ((a != _ZERO) | (b != _ZERO))) | ~(r0 < _HUGE))
     return c, flag
 
 
@@ -357,14 +381,16 @@ def serial_error(terms):
 def _decide(colsum, terms, eps, gamma, stats):
     """Is OpenCV's float32 serial error sum > eps?
 
-    The terms are nonnegative, so the serial float sum s of n of them is within gamma*S of their
-    exact sum S (gamma = 2*(n-1)*2^-24/(1 - (n-1)*2^-24) plus the double sum's own error and a
-    margin; see tvl1_fused._gamma). The double sum D of the same terms, in any order, then decides
-    whenever D*(1 -/+ gamma) is clear of eps; only otherwise (about 1 iteration in 1000) is the
-    exact serial float sum computed."""
+    The terms are nonnegative, so OpenCV's serial float sum of n of them and D, the double sum
+    of colsums (float32 sums of the columns of each band of rows), are both within a known
+    fraction of their exact sum S (tvl1_fused._gamma: n terms in float, a column of up to h terms
+    in float, n column sums in double, and a margin). D then decides whenever D*(1 -/+ gamma) is
+    clear of eps; only otherwise (about 1 iteration in 1000) is the exact serial float sum
+    computed."""
     d = 0.0
-    for x in range(colsum.shape[0]):
-        d += colsum[x]
+    for b in range(colsum.shape[0]):
+        for x in range(colsum.shape[1]):
+            d += np.float64(colsum[b, x])
     e = np.float64(eps)
     stats[0] += 1
     if d * (1.0 - gamma) > e:
@@ -407,8 +433,8 @@ def inner_serial(I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, term
     Returns whether the last error was still > eps. stats: [iterations, exact sums, libm hypot pixels]."""
     H = u1.shape[0]
     for _ in range(n_iter):
-        colsum[:] = 0.0
-        stats[2] += sweep_rows(0, H, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum,
+        colsum[:] = _ZERO
+        stats[2] += sweep_rows(0, H, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum[0],
                                scratch, l_t, theta, taut)
         stats[2] += dual_row(H - 1, u1, u2, p11, p12, p21, p22, scratch, taut)
         if not _decide(colsum, terms, eps, gamma, stats):
@@ -430,14 +456,12 @@ def inner_parallel(bands, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, z
     more = True
     for _ in range(n_iter):
         for b in prange(nb):
-            colsums[b, :] = 0.0
+            colsums[b, :] = _ZERO
             libm[b] += sweep_rows(bands[b], bands[b + 1], I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22,
                                   zrow, terms, colsums[b], scratches[b], l_t, theta, taut)
         for b in prange(nb):
             libm[b] += dual_row(bands[b + 1] - 1, u1, u2, p11, p12, p21, p22, scratches[b], taut)
-        for b in range(1, nb):
-            colsums[0] += colsums[b]
-        if not _decide(colsums[0], terms, eps, gamma, stats):
+        if not _decide(colsums, terms, eps, gamma, stats):
             more = False
             break
     stats[2] += libm.sum()
