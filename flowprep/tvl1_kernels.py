@@ -19,6 +19,8 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
+from flowprep.tvl1_warp_ir import LANES, make_warp16
+
 # 512-bit vectors where the CPU has them. LLVM's tuning for recent Xeons prefers 256-bit ones,
 # which halves the lanes of these loops (10% of a whole solve on this project's Xeon). Lanes are
 # independent (fastmath off), so results cannot change; numba keys its on-disk cache by these
@@ -36,6 +38,8 @@ _HALF = F32(0.5)
 _ZERO = F32(0.0)
 _FLT_EPSILON = F32(1.1920928955078125e-07)
 PAD = 3                  # zero frame around the warp sources: every tap of a pixel with any tap inside fits
+# the same warp, 16 pixels at a time with gathers (flowprep/tvl1_warp_ir.py)
+_warp16_fma, _warp16_plain = make_warp16(PAD)
 
 _jit = dict(cache=True, nogil=True, error_model="numpy", fastmath=False, boundscheck=False)
 
@@ -120,9 +124,19 @@ def _tap_rows(S, ch, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma):
 
 @njit(inline="always", **_jit)
 def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
+    """The warp of row y: blocks of 16 pixels in tvl1_warp_ir's gathering IR, the rest here (the
+    same arithmetic; tests/test_tvl1_fused.py checks a width with both against the remap model)."""
     H, W = I0.shape
     fy0 = F32(y)
-    for x in range(W):
+    nblk = W // LANES
+    if nblk > 0:
+        wl = F32(W + 1)
+        hl = F32(H + 1)
+        if use_fma:
+            _warp16_fma(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], grad[y], rho_c[y], nblk, fy0, wl, hl)
+        else:
+            _warp16_plain(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], grad[y], rho_c[y], nblk, fy0, wl, hl)
+    for x in range(nblk * LANES, W):
         u1v = u1[y, x]
         u2v = u2[y, x]
         sx = F32(x) + u1v   # buildFlowMap: x + u1, y + u2 in float
