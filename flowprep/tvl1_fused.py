@@ -249,7 +249,7 @@ class _Level:
         self.p = [e(h, w) for _ in range(4)]
         self.zrow = np.zeros(w, F32)
         self.colsum = np.empty((bands, w), F32)   # per band, the float32 sum of each column
-        self.scratch = e(bands, 3, w)   # a dual row's two norms and its libm flags
+        self.scratch = e(bands, 4, w)   # a dual row's old p where libm decides a norm
         self.gamma = _gamma(h * w, h)
 
 

@@ -321,62 +321,85 @@ def hypot_model(a, b, out, flags):
 
 
 @njit(inline="always", **_jit)
+def _dual_px(u1x, u1y, u2x, u2y, p11, p12, p21, p22, taut):
+    """estimateDualVariables of one pixel: its new p, and whether libm must decide a norm.
+    (Scalars only: array arguments would cost reference counting per pixel.)"""
+    g1, h1 = _hyp(u1x, u1y)
+    g2, h2 = _hyp(u2x, u2y)
+    ng1 = _ONE + taut * g1
+    ng2 = _ONE + taut * g2
+    return ((p11 + taut * u1x) / ng1, (p12 + taut * u1y) / ng1, (p21 + taut * u2x) / ng2,
+            (p22 + taut * u2y) / ng2, h1 | h2)
+
+
+@njit(inline="always", **_jit)
 def _dual_row(y, u1, u2, p11, p12, p21, p22, scratch, taut):
-    """forwardGradient + estimateDualVariables of row y (u of rows y and y+1 already new), in
-    three short loops that LLVM vectorises at full width: the two norms 1 + taut*|grad u| of
-    every pixel (and whether libm must decide one), libm's hypot for the flagged pixels, then p.
-    Returns the number of flagged pixels."""
+    """forwardGradient + estimateDualVariables of row y (u of rows y and y+1 already new), in one
+    loop that LLVM vectorises at full width. Where the float32 hypot model cannot decide a norm
+    (a few pixels in a million), that pixel's old p goes to scratch (a masked store), and a
+    second, scalar pass over the row redoes those pixels with libm's hypot, as OpenCV calls it.
+    Returns the number of such pixels."""
     H, W = u1.shape
     yn = y + 1 if y < H - 1 else y   # last row: u[y] - u[y] == 0, OpenCV's zero dy
     A1 = u1[y]
     A2 = u2[y]
     B1 = u1[yn]
     B2 = u2[yn]
-    NG1 = scratch[0]
-    NG2 = scratch[1]
-    FLG = scratch[2]
-    for x in range(W - 1):
-        g1, h1 = _hyp(A1[x + 1] - A1[x], B1[x] - A1[x])
-        g2, h2 = _hyp(A2[x + 1] - A2[x], B2[x] - A2[x])
-        FLG[x] = _ONE if (h1 | h2) else _ZERO   # a float row: an int64 count would halve the lanes
-        NG1[x] = _ONE + taut * g1
-        NG2[x] = _ONE + taut * g2
-    x = W - 1   # last column: OpenCV's zero dx
-    g1, h1 = _hyp(_ZERO, B1[x] - A1[x])
-    g2, h2 = _hyp(_ZERO, B2[x] - A2[x])
-    FLG[x] = _ONE if (h1 | h2) else _ZERO
-    NG1[x] = _ONE + taut * g1
-    NG2[x] = _ONE + taut * g2
-    nbad = 0
-    for x in range(W):
-        nbad += FLG[x] != _ZERO
-    if nbad:
-        for x in range(W):
-            if FLG[x] != _ZERO:
-                a = A1[x]
-                b = A2[x]
-                u1x = A1[x + 1] - a if x < W - 1 else _ZERO
-                u2x = A2[x + 1] - b if x < W - 1 else _ZERO
-                NG1[x] = _ONE + taut * F32(math.hypot(np.float64(u1x), np.float64(B1[x] - a)))   # libm, as OpenCV
-                NG2[x] = _ONE + taut * F32(math.hypot(np.float64(u2x), np.float64(B2[x] - b)))
     P11 = p11[y]
     P12 = p12[y]
     P21 = p21[y]
     P22 = p22[y]
+    O11 = scratch[0]
+    O12 = scratch[1]
+    O21 = scratch[2]
+    O22 = scratch[3]
+    anybad = False
     for x in range(W - 1):
         a = A1[x]
         b = A2[x]
-        ng1 = NG1[x]
-        ng2 = NG2[x]
-        P11[x] = (P11[x] + taut * (A1[x + 1] - a)) / ng1
-        P12[x] = (P12[x] + taut * (B1[x] - a)) / ng1
-        P21[x] = (P21[x] + taut * (A2[x + 1] - b)) / ng2
-        P22[x] = (P22[x] + taut * (B2[x] - b)) / ng2
-    x = W - 1
-    P11[x] = (P11[x] + taut * _ZERO) / NG1[x]
-    P12[x] = (P12[x] + taut * (B1[x] - A1[x])) / NG1[x]
-    P21[x] = (P21[x] + taut * _ZERO) / NG2[x]
-    P22[x] = (P22[x] + taut * (B2[x] - A2[x])) / NG2[x]
+        n11, n12, n21, n22, bad = _dual_px(A1[x + 1] - a, B1[x] - a, A2[x + 1] - b, B2[x] - b,
+                                           P11[x], P12[x], P21[x], P22[x], taut)
+        if bad:
+            O11[x] = P11[x]
+            O12[x] = P12[x]
+            O21[x] = P21[x]
+            O22[x] = P22[x]
+        anybad |= bad
+        P11[x] = n11
+        P12[x] = n12
+        P21[x] = n21
+        P22[x] = n22
+    x = W - 1   # last column: OpenCV's zero dx
+    n11, n12, n21, n22, bad = _dual_px(_ZERO, B1[x] - A1[x], _ZERO, B2[x] - A2[x], P11[x], P12[x], P21[x], P22[x],
+                                       taut)
+    O11[x] = P11[x]
+    O12[x] = P12[x]
+    O21[x] = P21[x]
+    O22[x] = P22[x]
+    anybad |= bad
+    P11[x] = n11
+    P12[x] = n12
+    P21[x] = n21
+    P22[x] = n22
+    nbad = 0
+    if anybad:
+        for x in range(W):
+            a = A1[x]
+            b = A2[x]
+            u1x = A1[x + 1] - a if x < W - 1 else _ZERO
+            u2x = A2[x + 1] - b if x < W - 1 else _ZERO
+            u1y = B1[x] - a
+            u2y = B2[x] - b
+            h1 = _hyp(u1x, u1y)[1]
+            h2 = _hyp(u2x, u2y)[1]
+            if h1 | h2:
+                nbad += 1
+                ng1 = _ONE + taut * F32(math.hypot(np.float64(u1x), np.float64(u1y)))   # libm, as OpenCV
+                ng2 = _ONE + taut * F32(math.hypot(np.float64(u2x), np.float64(u2y)))
+                P11[x] = (O11[x] + taut * u1x) / ng1
+                P12[x] = (O12[x] + taut * u1y) / ng1
+                P21[x] = (O21[x] + taut * u2x) / ng2
+                P22[x] = (O22[x] + taut * u2y) / ng2
     return nbad
 
 

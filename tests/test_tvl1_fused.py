@@ -272,7 +272,8 @@ def _pythagorean_midpoints(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
     return np.array(a, F32), np.array(b, F32)
 
 
-def test_hypot_near_float_midpoint_goes_to_libm():
+@pytest.mark.parametrize("width, x", [(6, 2), (40, 21)])   # the loop's scalar part; a vector lane
+def test_hypot_near_float_midpoint_goes_to_libm(width, x):
     """u gradients (a, b) whose hypot is exactly a float rounding midpoint, one where the kernel's
     float32 model rounds the other way from libm: the dual update flags that pixel and gives it
     libm's hypot, as OpenCV calls it."""
@@ -284,13 +285,13 @@ def test_hypot_near_float_midpoint_goes_to_libm():
     differ = np.flatnonzero((model != _libm_hypot_f32(ma, mb)) & (model > 4) & (model < 1000))
     assert differ.size, "no midpoint where the model and libm round apart (the test needs one)"
     ga, gb = ma[differ[0]], mb[differ[0]]
-    u1 = np.zeros((2, 6), F32)
-    u1[0, 3] = ga   # u1x at x = 2
-    u1[1, 2] = gb   # u1y at x = 2
+    u1 = np.zeros((2, width), F32)
+    u1[0, x + 1] = ga   # u1x at x
+    u1[1, x] = gb       # u1y at x
     u2 = np.zeros_like(u1)
-    p = [np.full((2, 6), F32(0.25)) for _ in range(4)]
+    p = [np.full((2, width), F32(0.25)) for _ in range(4)]
     taut = F32(0.25 / 0.3)
-    assert K.dual_row(0, u1, u2, *p, np.empty((3, 6), F32), taut) == 1, "the midpoint pixel was not flagged"
+    assert K.dual_row(0, u1, u2, *p, np.empty((4, width), F32), taut) == 1, "the midpoint pixel was not flagged"
     ux = np.append(np.diff(u1[0]), F32(0)).astype(F32)
     uy = (u1[1] - u1[0]).astype(F32)
     ng = F32(1) + taut * _libm_hypot_f32(ux, uy)
