@@ -15,9 +15,10 @@ parallel_for_ bodies. Here one numba-compiled, vectorised sweep per iteration do
 pipelined by rows (flowprep/tvl1_kernels.py): V, divergence and U of row y, then the gradient and
 dual update of row y-1; OpenCV's double-precision hypot becomes float32 arithmetic, so the loops
 run as wide as the CPU's vectors (512 bits where it has them). Per warp, the three bicubic
-remaps (I1, I1x, I1y) share one set of weights per pixel and are fused with the flow map and
-calcGradRho. Pyramid, flow upsampling and the
-median filter stay OpenCV's own (cv2.resize, cv2.medianBlur), so they match by construction.
+remaps (I1, I1x, I1y) share one set of weights per pixel, gather 16 pixels at a time
+(flowprep/tvl1_warp_ir.py) and are fused with the flow map and calcGradRho's rho_c; its grad
+(I1wx^2 + I1wy^2, the same float operations) is recomputed in the sweep, cheaper than reading
+it from memory. Pyramid, flow upsampling and the median filter stay OpenCV's own (cv2.resize, cv2.medianBlur), so they match by construction.
 
 How it stays bit-identical. Every float32 operation is OpenCV's, in OpenCV's order (fastmath off,
 float32 constants, no FMA contraction). Facts that matter, each checked by the tests:
@@ -245,7 +246,7 @@ class _Level:
     def __init__(self, h: int, w: int, bands: int, pad: int):
         e = lambda *s: np.empty(s, F32)  # noqa: E731
         self.S = e(3, h + 2 * pad, w + 2 * pad)
-        self.I1wx, self.I1wy, self.grad, self.rho_c, self.terms = (e(h, w) for _ in range(5))
+        self.I1wx, self.I1wy, self.rho_c, self.terms = (e(h, w) for _ in range(4))
         self.p = [e(h, w) for _ in range(4)]
         self.zrow = np.zeros(w, F32)
         self.colsum = np.empty((bands, w), F32)   # per band, the float32 sum of each column
@@ -312,13 +313,13 @@ class FusedTVL1:
             K.centered_gradient_padded(I1s[s], lv.S)
             for q in lv.p:
                 q[:] = 0   # OpenCV resets p per scale, not per warp
-            args = (lv.I1wx, lv.I1wy, lv.grad, lv.rho_c, u1, u2, *lv.p, lv.zrow, lv.terms)
+            args = (lv.I1wx, lv.I1wy, lv.rho_c, u1, u2, *lv.p, lv.zrow, lv.terms)
             bands = np.linspace(0, h, nb + 1).round().astype(np.int64) if par else None
             for _ in range(int(p["warps"])):
                 if par:
-                    K.warp_parallel(bands, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.grad, lv.rho_c, use_fma)
+                    K.warp_parallel(bands, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
                 else:
-                    K.warp_rows(0, h, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.grad, lv.rho_c, use_fma)
+                    K.warp_rows(0, h, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
                 more = True   # OpenCV: error = FLT_MAX per warp
                 for _ in range(int(p["outer_iterations"])):
                     if not more:

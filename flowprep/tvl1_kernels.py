@@ -80,7 +80,7 @@ def centered_gradient_padded(src, dst):
 
 # ---------------------------------------------------------------------------------------------
 # Per warp: bicubic warp of I1, I1x and I1y with one set of weights per pixel, fused with
-# OpenCV's buildFlowMap and calcGradRho. OpenCV 5.0's remap(INTER_CUBIC) with float maps does not
+# OpenCV's buildFlowMap and calcGradRho's rho_c (its grad is recomputed where used). OpenCV 5.0's remap(INTER_CUBIC) with float maps does not
 # use the 1/32 fixed-point weight table of earlier versions: it takes the fraction in float and
 # computes the weights per pixel; its AVX2 build (what OpenCV dispatches to on a CPU with AVX2)
 # fuses them with FMAs, its baseline build does not. Taps outside the image read the constant
@@ -123,7 +123,7 @@ def _tap_rows(S, ch, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma):
 
 
 @njit(inline="always", **_jit)
-def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
+def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
     """The warp of row y: blocks of 16 pixels in tvl1_warp_ir's gathering IR, the rest here (the
     same arithmetic; tests/test_tvl1_fused.py checks a width with both against the remap model)."""
     H, W = I0.shape
@@ -133,9 +133,9 @@ def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
         wl = F32(W + 1)
         hl = F32(H + 1)
         if use_fma:
-            _warp16_fma(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], grad[y], rho_c[y], nblk, fy0, wl, hl)
+            _warp16_fma(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], rho_c[y], nblk, fy0, wl, hl)
         else:
-            _warp16_plain(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], grad[y], rho_c[y], nblk, fy0, wl, hl)
+            _warp16_plain(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], rho_c[y], nblk, fy0, wl, hl)
     for x in range(nblk * LANES, W):
         u1v = u1[y, x]
         u2v = u2[y, x]
@@ -158,21 +158,20 @@ def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
             wy = _tap_rows(S, 2, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma)
         I1wx[y, x] = wx
         I1wy[y, x] = wy
-        grad[y, x] = wx * wx + wy * wy                         # calcGradRho, in OpenCV's order
         rho_c[y, x] = ((w - wx * u1v) - wy * u2v) - I0[y, x]
 
 
 @njit(**_jit)
-def warp_rows(y0, y1, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
+def warp_rows(y0, y1, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
     """The warp of rows y0 .. y1-1 (the whole image for one thread)."""
     for y in range(y0, y1):
-        _warp_row(y, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma)
+        _warp_row(y, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma)
 
 
 @njit(parallel=True, **_jit)
-def warp_parallel(bands, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
+def warp_parallel(bands, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
     for b in prange(bands.shape[0] - 1):
-        warp_rows(bands[b], bands[b + 1], I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma)
+        warp_rows(bands[b], bands[b + 1], I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +184,8 @@ def warp_parallel(bands, I0, S, u1, u2, I1wx, I1wy, grad, rho_c, use_fma):
 
 @njit(inline="always", **_jit)
 def _v(rho_c, ix_, iy_, g, u1k, u2k, l_t, nl_t):
-    """estimateV of one pixel: v = u + d, with OpenCV's three-way threshold."""
+    """estimateV of one pixel: v = u + d, with OpenCV's three-way threshold. g is calcGradRho's
+    grad, I1wx^2 + I1wy^2 in its order, recomputed (3 operations) instead of read from a plane."""
     rho = rho_c + (ix_ * u1k + iy_ * u2k)
     fi = -rho / g
     c1 = rho < nl_t * g
@@ -197,7 +197,7 @@ def _v(rho_c, ix_, iy_, g, u1k, u2k, l_t, nl_t):
 
 
 @njit(inline="always", **_jit)
-def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta):
+def _vdu_row(y, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta):
     """estimateV + divergence + estimateU of row y. terms[y] = the row's error terms (kept for
     the exact serial sum); colsum accumulates them per column in float32, in the same vectorised
     loop (a running sum along the row would not vectorise; the decision bounds its rounding)."""
@@ -207,7 +207,6 @@ def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms
     nl_t = -l_t
     Ix = I1wx[y]
     Iy = I1wy[y]
-    G = grad[y]
     R = rho_c[y]
     U1 = u1[y]
     U2 = u2[y]
@@ -220,7 +219,7 @@ def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms
     # x = 0: OpenCV's first column associates as (p11 + p12) - p12[y-1]
     u1k = U1[0]
     u2k = U2[0]
-    v1, v2 = _v(R[0], Ix[0], Iy[0], G[0], u1k, u2k, l_t, nl_t)
+    v1, v2 = _v(R[0], Ix[0], Iy[0], Ix[0] * Ix[0] + Iy[0] * Iy[0], u1k, u2k, l_t, nl_t)
     n1 = v1 + theta * ((P11[0] + P12[0]) - p12m[0])
     n2 = v2 + theta * ((P21[0] + P22[0]) - p22m[0])
     U1[0] = n1
@@ -233,7 +232,7 @@ def _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms
     for x in range(1, W):
         u1k = U1[x]
         u2k = U2[x]
-        v1, v2 = _v(R[x], Ix[x], Iy[x], G[x], u1k, u2k, l_t, nl_t)
+        v1, v2 = _v(R[x], Ix[x], Iy[x], Ix[x] * Ix[x] + Iy[x] * Iy[x], u1k, u2k, l_t, nl_t)
         n1 = v1 + theta * ((P11[x] - P11[x - 1]) + (P12[x] - p12m[x]))
         n2 = v2 + theta * ((P21[x] - P21[x - 1]) + (P22[x] - p22m[x]))
         U1[x] = n1
@@ -445,13 +444,13 @@ def inner_decide(colsum, terms, eps, gamma, stats):
 
 
 @njit(**_jit)
-def sweep_rows(y0, y1, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum,
+def sweep_rows(y0, y1, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum,
                scratch, l_t, theta, taut):
     """V/D/U of rows y0 .. y1-1 and the dual update of rows y0 .. y1-2 (row y1-1 waits for the
     new u of row y1). Returns the number of pixels whose norm libm's hypot decided."""
     libm = 0
     for y in range(y0, y1):
-        _vdu_row(y, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta)
+        _vdu_row(y, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta)
         if y > y0:
             libm += _dual_row(y - 1, u1, u2, p11, p12, p21, p22, scratch, taut)
     return libm
@@ -464,14 +463,14 @@ def dual_row(y, u1, u2, p11, p12, p21, p22, scratch, taut):
 
 
 @njit(**_jit)
-def inner_serial(I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, scratch,
+def inner_serial(I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, scratch,
                  l_t, theta, taut, eps, gamma, n_iter, stats):
     """Up to n_iter fused iterations, stopping as OpenCV does once the error is not > eps.
     Returns whether the last error was still > eps. stats: [iterations, exact sums, libm hypot pixels]."""
     H = u1.shape[0]
     for _ in range(n_iter):
         colsum[:] = _ZERO
-        stats[2] += sweep_rows(0, H, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum[0],
+        stats[2] += sweep_rows(0, H, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum[0],
                                scratch, l_t, theta, taut)
         stats[2] += dual_row(H - 1, u1, u2, p11, p12, p21, p22, scratch, taut)
         if not _decide(colsum, terms, eps, gamma, stats):
@@ -480,7 +479,7 @@ def inner_serial(I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, term
 
 
 @njit(parallel=True, **_jit)
-def inner_parallel(bands, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsums, scratches,
+def inner_parallel(bands, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsums, scratches,
                    l_t, theta, taut, eps, gamma, n_iter, stats):
     """inner_serial with bands of rows in parallel. Each band pipelines its own rows: V/D/U of all
     of them, the dual update of all but its last. That last row's dual update needs the next
@@ -494,7 +493,7 @@ def inner_parallel(bands, I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, z
     for _ in range(n_iter):
         for b in prange(nb):
             colsums[b, :] = _ZERO
-            libm[b] += sweep_rows(bands[b], bands[b + 1], I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22,
+            libm[b] += sweep_rows(bands[b], bands[b + 1], I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22,
                                   zrow, terms, colsums[b], scratches[b], l_t, theta, taut)
         for b in prange(nb):
             libm[b] += dual_row(bands[b + 1] - 1, u1, u2, p11, p12, p21, p22, scratches[b], taut)

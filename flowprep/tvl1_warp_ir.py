@@ -2,7 +2,7 @@
 
 What it computes: for 16 consecutive pixels of a row, exactly the scalar warp in tvl1_kernels
 (`_warp_row`): OpenCV 5.0's cubic remap of I1, I1x and I1y sharing one set of weights per pixel,
-then calcGradRho, in the same float32 operations in the same order (no fast-math flags, so LLVM
+then calcGradRho's rho_c, in the same float32 operations in the same order (no fast-math flags, so LLVM
 neither reassociates nor fuses; llvm.fma only where OpenCV's AVX2 remap has FMAs).
 
 Why IR. Each pixel reads 48 source values at positions that depend on the flow: a gather. numba's
@@ -102,9 +102,8 @@ def _function(name: str, use_fma: bool, pad: int) -> str:
             rows.append(dot4(taps, cx))
         warped.append(select(m, dot4(rows, cy)))
     w, wx, wy = warped
-    grad = add(mul(wx, wx), mul(wy, wy))                       # calcGradRho, in OpenCV's order
     rho = sub(sub(sub(w, mul(wx, u1)), mul(wy, u2)), i0)
-    for arr, v in (("ix", wx), ("iy", wy), ("g", grad), ("rho", rho)):
+    for arr, v in (("ix", wx), ("iy", wy), ("rho", rho)):
         body.append(f"  store {_V} {v}, ptr {op(f'getelementptr float, ptr %o{arr}, i64 %x0')}, align 4")
     body += ["  %k1 = add i64 %k, 1", "  %done = icmp eq i64 %k1, %nblk",
              "  br i1 %done, label %exit, label %loop"]
@@ -126,7 +125,7 @@ def _function(name: str, use_fma: bool, pad: int) -> str:
     entry += ["  %none = icmp eq i64 %nblk, 0", "  br i1 %none, label %exit, label %loop"]
     args = ", ".join(["ptr noalias %S0", "ptr noalias %S1", "ptr noalias %S2", "i32 %rs", "ptr noalias %u1",
                       "ptr noalias %u2", "ptr noalias %i0", "ptr noalias %oix", "ptr noalias %oiy",
-                      "ptr noalias %og", "ptr noalias %orho", "i64 %nblk", "float %fy0", "float %wlim",
+                      "ptr noalias %orho", "i64 %nblk", "float %fy0", "float %wlim",
                       "float %hlim"])
     # weak_odr: kept although nothing in its own module calls it, and one copy when two libraries have it
     return (f"define weak_odr void @{name}({args}) {{\nentry:\n" + "\n".join(entry) + "\nloop:\n"
@@ -143,26 +142,26 @@ def module_ir(pad: int) -> str:
 
 def make_warp16(pad: int) -> tuple:
     """Two numba intrinsics, (with FMAs, without), each warp(S0, S1, S2, u1, u2, I0, I1wx, I1wy,
-    grad, rho_c, nblk, y, W+1, H+1) warping the first 16*nblk pixels of a row: S0..S2 are the
+    rho_c, nblk, y, W+1, H+1) warping the first 16*nblk pixels of a row: S0..S2 are the
     padded planes of I1, I1x, I1y (2-D), the others that row's 1-D views; y, W+1 and H+1 are
     float32."""
     text = module_ir(pad)
 
     def make(name: str):
         @intrinsic
-        def warp16(typingctx, S0, S1, S2, u1, u2, i0, oix, oiy, og, orho, nblk, fy0, wlim, hlim):
-            sig = types.void(S0, S1, S2, u1, u2, i0, oix, oiy, og, orho, nblk, fy0, wlim, hlim)
+        def warp16(typingctx, S0, S1, S2, u1, u2, i0, oix, oiy, orho, nblk, fy0, wlim, hlim):
+            sig = types.void(S0, S1, S2, u1, u2, i0, oix, oiy, orho, nblk, fy0, wlim, hlim)
 
             def codegen(context, builder, sig, args):
                 context.active_code_library.add_llvm_module(llvm.parse_assembly(text))
                 fp = ir.PointerType(ir.FloatType())
-                fnty = ir.FunctionType(ir.VoidType(), [fp] * 3 + [ir.IntType(32)] + [fp] * 7
+                fnty = ir.FunctionType(ir.VoidType(), [fp] * 3 + [ir.IntType(32)] + [fp] * 6
                                        + [ir.IntType(64)] + [ir.FloatType()] * 3)
                 fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-                arrays = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:10], args[:10])]
+                arrays = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:9], args[:9])]
                 row_stride = builder.trunc(cgutils.unpack_tuple(builder, arrays[0].shape)[1], ir.IntType(32))
                 ptrs = [builder.bitcast(a.data, fp) for a in arrays]
-                builder.call(fn, ptrs[:3] + [row_stride] + ptrs[3:] + list(args[10:]))
+                builder.call(fn, ptrs[:3] + [row_stride] + ptrs[3:] + list(args[9:]))
                 return context.get_dummy_value()
             return sig, codegen
         return warp16
