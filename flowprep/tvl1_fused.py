@@ -248,10 +248,22 @@ class _Level:
         self.S = e(3, h + 2 * pad, w + 2 * pad)
         self.I1wx, self.I1wy, self.rho_c, self.terms = (e(h, w) for _ in range(4))
         self.p = [e(h, w) for _ in range(4)]
+        self.spare = [e(h, w), e(h, w)]   # the median filter's outputs, swapped with u1, u2
         self.zrow = np.zeros(w, F32)
         self.colsum = np.empty((bands, w), F32)   # per band, the float32 sum of each column
         self.scratch = e(bands, 4, w)   # a dual row's old p where libm decides a norm
         self.gamma = _gamma(h * w, h)
+
+
+def _upscaled(u: np.ndarray, size: tuple[int, int], k: float) -> np.ndarray:
+    """OpenCV's flow upsampling: resize, then multiply by k in double and round to float. When k
+    is a float32 (1.25 for scale_step 0.8, 2 for 0.5) the double product of two floats is exact,
+    so the float32 product, in place, rounds to the same value."""
+    r = cv2.resize(u, size, interpolation=cv2.INTER_LINEAR)
+    if float(F32(k)) == k:
+        r *= F32(k)
+        return r
+    return (r.astype(np.float64) * k).astype(F32)
 
 
 class FusedTVL1:
@@ -313,7 +325,6 @@ class FusedTVL1:
             K.centered_gradient_padded(I1s[s], lv.S)
             for q in lv.p:
                 q[:] = 0   # OpenCV resets p per scale, not per warp
-            args = (lv.I1wx, lv.I1wy, lv.rho_c, u1, u2, *lv.p, lv.zrow, lv.terms)
             bands = np.linspace(0, h, nb + 1).round().astype(np.int64) if par else None
             for _ in range(int(p["warps"])):
                 if par:
@@ -324,9 +335,13 @@ class FusedTVL1:
                 for _ in range(int(p["outer_iterations"])):
                     if not more:
                         break
-                    if median > 1:
-                        u1[...] = cv2.medianBlur(u1, median)
-                        u2[...] = cv2.medianBlur(u2, median)
+                    if median > 1:   # OpenCV filters in place: into a spare plane, then swap
+                        m1, m2 = lv.spare
+                        cv2.medianBlur(u1, median, dst=m1)
+                        cv2.medianBlur(u2, median, dst=m2)
+                        lv.spare = [u1, u2]
+                        u1, u2 = m1, m2
+                    args = (lv.I1wx, lv.I1wy, lv.rho_c, u1, u2, *lv.p, lv.zrow, lv.terms)
                     if par:
                         more = K.inner_parallel(bands, *args, lv.colsum, lv.scratch, l_t, theta, taut, eps, lv.gamma,
                                                 int(p["inner_iterations"]), self.stats)
@@ -337,9 +352,8 @@ class FusedTVL1:
                 break
             hs, ws = I0s[s - 1].shape
             # OpenCV: resize to the finer size, then multiply by 1/scale_step (a double Scalar).
-            k = 1.0 / step
-            u1 = (cv2.resize(u1, (ws, hs), interpolation=cv2.INTER_LINEAR).astype(np.float64) * k).astype(F32)
-            u2 = (cv2.resize(u2, (ws, hs), interpolation=cv2.INTER_LINEAR).astype(np.float64) * k).astype(F32)
+            u1 = _upscaled(u1, (ws, hs), 1.0 / step)
+            u2 = _upscaled(u2, (ws, hs), 1.0 / step)
         return np.dstack([u1, u2])
 
 
