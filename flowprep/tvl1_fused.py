@@ -249,10 +249,21 @@ class _Level:
         self.I1wx, self.I1wy, self.rho_c, self.terms = (e(h, w) for _ in range(4))
         self.p = [e(h, w) for _ in range(4)]
         self.spare = [e(h, w), e(h, w)]   # the median filter's outputs, swapped with u1, u2
+        self.bordered = e(h + 4, w + 4)     # the 5x5 median's input with replicated borders
         self.zrow = np.zeros(w, F32)
         self.colsum = np.empty((bands, w), F32)   # per band, the float32 sum of each column
         self.scratch = e(bands, 4, w)   # a dual row's old p where libm decides a norm
         self.gamma = _gamma(h * w, h)
+
+
+def _median(u: np.ndarray, out: np.ndarray, k: int, bordered: np.ndarray) -> None:
+    """OpenCV's medianBlur(u, k) into out: the engine's own 5x5 filter (flowprep/tvl1_median.py,
+    the same bits, faster), OpenCV's for 3x3 and for the inputs the own one declines."""
+    if k == 5:
+        from flowprep.tvl1_median import median5
+        if median5(u, out, bordered):
+            return
+    cv2.medianBlur(u, k, dst=out)
 
 
 def _upscaled(u: np.ndarray, size: tuple[int, int], k: float) -> np.ndarray:
@@ -337,8 +348,8 @@ class FusedTVL1:
                         break
                     if median > 1:   # OpenCV filters in place: into a spare plane, then swap
                         m1, m2 = lv.spare
-                        cv2.medianBlur(u1, median, dst=m1)
-                        cv2.medianBlur(u2, median, dst=m2)
+                        _median(u1, m1, median, lv.bordered)
+                        _median(u2, m2, median, lv.bordered)
                         lv.spare = [u1, u2]
                         u1, u2 = m1, m2
                     args = (lv.I1wx, lv.I1wy, lv.rho_c, u1, u2, *lv.p, lv.zrow, lv.terms)

@@ -336,6 +336,48 @@ def test_hypot_model_is_libms_or_flagged():
     assert not flags[n + ma.size:n + ma.size + near_a.size].any(), "one ulp beside a midpoint needs no libm"
 
 
+def test_median_network_selects_the_median():
+    """The 5x5 median's comparator network (as the kernel writes it out) puts the 13th smallest of
+    25 at position 12 for every 0/1 input (2^25 of them, bit-parallel), so for every input (the
+    0-1 principle)."""
+    import inspect
+    import re
+
+    from flowprep.tvl1_median import NETWORK, _median25
+    written = re.findall(r"_s\(p(\d+), p(\d+)\)", inspect.getsource(_median25.py_func))
+    assert [(int(i), int(j)) for i, j in written] == list(NETWORK), "the kernel's comparators are not NETWORK's"
+    n = 1 << 25
+    words = np.arange(n // 64, dtype=np.uint64)
+    low = [np.uint64(sum(1 << t for t in range(64) if t >> i & 1)) for i in range(6)]   # bit i of t = p % 64
+    wires = [np.full(words.size, low[i]) if i < 6 else np.where(words >> np.uint64(i - 6) & np.uint64(1),
+                                                                 ~np.uint64(0), np.uint64(0)) for i in range(25)]
+    for a, b in NETWORK:
+        wires[a], wires[b] = wires[a] & wires[b], wires[a] | wires[b]
+    p = np.arange(n, dtype=np.uint32)
+    ones = np.zeros(n, np.uint8)
+    for i in range(25):
+        ones += (p >> i & 1).astype(np.uint8)
+    want = np.packbits(ones >= 13, bitorder="little").view(np.uint64)
+    assert np.array_equal(wires[12], want)
+
+
+@pytest.mark.parametrize("shape", [(256, 340), (23, 17), (5, 5), (3, 7), (16, 16), (4, 40)])
+def test_median_is_opencvs(shape):
+    """The engine's 5x5 median equals cv2.medianBlur(u, 5) bit for bit (borders included, ties,
+    zeros), and declines inputs with NaN or -0.0, where methods may differ."""
+    from flowprep.tvl1_median import median5
+    rng = np.random.default_rng(4)
+    u = np.round(rng.standard_normal(shape) * 3, 1).astype(F32) + F32(0)   # many ties; + 0: no -0.0
+    u[::3, ::4] = 0
+    out = np.empty_like(u)
+    assert median5(u, out, np.empty((shape[0] + 4, shape[1] + 4), F32))
+    _assert_same(out, cv2.medianBlur(u, 5), f"median {shape}")
+    for odd in (-0.0, np.nan):
+        v = u.copy()
+        v[shape[0] // 2, shape[1] // 2] = odd
+        assert not median5(v, out, np.empty((shape[0] + 4, shape[1] + 4), F32))
+
+
 def test_error_decision_bound():
     """The decision from the double sum agrees with OpenCV's serial float32 sum, and falls back
     to computing that sum when the bound cannot decide."""
