@@ -16,7 +16,7 @@ pipelined by rows (flowprep/tvl1_kernels.py): V, divergence and U of row y, then
 dual update of row y-1; OpenCV's double-precision hypot becomes float32 arithmetic, so the loops
 run as wide as the CPU's vectors (512 bits where it has them). Per warp, the three bicubic
 remaps (I1, I1x, I1y) share one set of weights per pixel, gather 16 pixels at a time
-(flowprep/tvl1_warp_ir.py) and are fused with the flow map and calcGradRho's rho_c; its grad
+(flowprep/tvl1_warp.py) and are fused with the flow map and calcGradRho's rho_c; its grad
 (I1wx^2 + I1wy^2, the same float operations) is recomputed in the sweep, cheaper than reading
 it from memory. Pyramid, flow upsampling and the median filter stay OpenCV's own (cv2.resize, cv2.medianBlur), so they match by construction.
 
@@ -166,7 +166,7 @@ def _fma32(a, b, c):
 
 
 def _remap_model(src: np.ndarray, mx: np.ndarray, my: np.ndarray, use_fma: bool) -> np.ndarray:
-    """The cubic remap of flowprep/tvl1_kernels.py in numpy, for probing and for the tests."""
+    """The cubic remap of flowprep/tvl1_warp.py in numpy, for probing and for the tests."""
     h, w = src.shape
     pad = 4
     S = np.zeros((h + 2 * pad, w + 2 * pad), F32)
@@ -306,6 +306,7 @@ class FusedTVL1:
                 raise ValueError(f"FusedTVL1 cannot match OpenCV here: {reason}")
             self._supported.add(prev.shape)
         from flowprep import tvl1_kernels as K   # numba loads (or compiles) on first use only
+        from flowprep import tvl1_warp as W
 
         p = self.params
         step = float(p["scale_step"])
@@ -331,17 +332,17 @@ class FusedTVL1:
             nb = min(self.threads, h)
             lv = self._levels.get((h, w))
             if lv is None:
-                lv = self._levels[(h, w)] = _Level(h, w, nb, K.PAD)
+                lv = self._levels[(h, w)] = _Level(h, w, nb, W.PAD)
             eps = F32(p["epsilon"] * p["epsilon"] * (h * w))   # OpenCV: (float)(epsilon * epsilon * area)
-            K.centered_gradient_padded(I1s[s], lv.S)
+            W.centered_gradient_padded(I1s[s], lv.S)
             for q in lv.p:
                 q[:] = 0   # OpenCV resets p per scale, not per warp
             bands = np.linspace(0, h, nb + 1).round().astype(np.int64) if par else None
             for _ in range(int(p["warps"])):
                 if par:
-                    K.warp_parallel(bands, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
+                    W.warp_parallel(bands, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
                 else:
-                    K.warp_rows(0, h, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
+                    W.warp_rows(0, h, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
                 more = True   # OpenCV: error = FLT_MAX per warp
                 for _ in range(int(p["outer_iterations"])):
                     if not more:

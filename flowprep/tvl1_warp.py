@@ -1,7 +1,6 @@
-"""The fused TV-L1 warp, 16 pixels at a time, as LLVM IR (flowprep/tvl1_kernels.py calls it).
+"""The fused TV-L1 engine's warp (per warp of each scale; flowprep/tvl1_fused.py drives it).
 
-What it computes: for 16 consecutive pixels of a row, exactly the scalar warp in tvl1_kernels
-(`_warp_row`): OpenCV 5.0's cubic remap of I1, I1x and I1y sharing one set of weights per pixel,
+What it computes: OpenCV's centeredGradient of I1 (per scale), then, per warp, OpenCV 5.0's cubic remap of I1, I1x and I1y sharing one set of weights per pixel,
 then calcGradRho's rho_c, in the same float32 operations in the same order (no fast-math flags, so LLVM
 neither reassociates nor fuses; llvm.fma only where OpenCV's AVX2 remap has FMAs).
 
@@ -11,10 +10,12 @@ rule out aliasing with the outputs), so the scalar warp ran at ~20 ns a pixel, a
 fast-preset solve. Here the 48 reads are llvm.masked.gather of 16 lanes (vgatherdps on AVX2 and
 AVX-512; LLVM splits or scalarises them elsewhere, with the same results), ~2.5x faster.
 
-How it plugs in. `warp16(use_fma)` is a numba intrinsic: its code generation adds this module's
-IR to the calling function's library (so numba's on-disk cache keeps it) and calls one of the
-two functions, @tvl1_warp16_fma or @tvl1_warp16_plain. Lanes outside [-2, W+1) x [-2, H+1) (NaN
-included) gather nothing and give 0, as the scalar kernel's branch does.
+How it plugs in. Rows go 16 pixels at a time through LLVM IR written here (`module_ir`), the rest
+of a row through the scalar numba code below, the same arithmetic. `make_warp16` makes numba
+intrinsics whose code generation adds the IR to the calling function's library (so numba's
+on-disk cache keeps it, keyed on this file: the IR and its callers live in one file so that an
+edit to either recompiles both). Lanes outside [-2, W+1) x [-2, H+1) (NaN included) gather
+nothing and give 0, as the scalar code's branch does.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ import struct
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from flowprep.tvl1_kernels import _HALF, _ONE, _ZERO, F32, _fma, _jit
 
 LANES = 16
 _V = f"<{LANES} x float>"
@@ -57,14 +60,14 @@ def _function(name: str, use_fma: bool, pad: int) -> str:
 
     A, K3, K2, ONE = _splat(-0.75), _splat(1.25), _splat(-2.25), _splat(1.0)
 
-    def coeffs(t):   # tvl1_kernels._cubic_coeffs
+    def coeffs(t):   # _cubic_coeffs
         u, t2 = sub(ONE, t), mul(t, t)
         c0 = mul(A, mul(t, mul(u, u)))
         c3 = mul(A, mul(u, t2))
         c1 = fma(fma(K3, t, K2), t2, ONE) if use_fma else add(mul(add(mul(K3, t), K2), t2), ONE)
         return c0, c1, sub(sub(sub(ONE, c0), c1), c3), c3
 
-    def dot4(p, c):   # tvl1_kernels._dot4
+    def dot4(p, c):   # _dot4
         if use_fma:
             return fma(p[3], c[3], fma(p[2], c[2], fma(p[1], c[1], mul(p[0], c[0]))))
         return add(add(add(mul(p[0], c[0]), mul(p[1], c[1])), mul(p[2], c[2])), mul(p[3], c[3]))
@@ -166,3 +169,127 @@ def make_warp16(pad: int) -> tuple:
             return sig, codegen
         return warp16
     return make("tvl1_warp16_fma"), make("tvl1_warp16_plain")
+
+
+_A = F32(-0.75)          # OpenCV's bicubic parameter
+_K3 = F32(1.25)          # A + 2
+_K2 = F32(-2.25)         # -(A + 3)
+PAD = 3                  # zero frame around the warp sources: every tap of a pixel with any tap inside fits
+_WARP16_FMA, _WARP16_PLAIN = make_warp16(PAD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per scale: OpenCV's centeredGradient of I1, written with I1 into zero-framed planes.
+
+
+@njit(**_jit)
+def centered_gradient_padded(src, dst):
+    """dst[0] = I1, dst[1] = dI1/dx, dst[2] = dI1/dy, each inside a PAD-wide zero frame.
+    0.5f*(a - b) of the neighbours, one-sided at the borders, as OpenCV."""
+    H, W = src.shape
+    dst[:] = _ZERO
+    for y in range(H):
+        ym = y - 1 if y > 0 else 0
+        yp = y + 1 if y < H - 1 else H - 1
+        for x in range(W):
+            xm = x - 1 if x > 0 else 0
+            xp = x + 1 if x < W - 1 else W - 1
+            dst[0, y + PAD, x + PAD] = src[y, x]
+            dst[1, y + PAD, x + PAD] = _HALF * (src[y, xp] - src[y, xm])
+            dst[2, y + PAD, x + PAD] = _HALF * (src[yp, x] - src[ym, x])
+
+
+# ---------------------------------------------------------------------------------------------
+# Per warp: bicubic warp of I1, I1x and I1y with one set of weights per pixel, fused with
+# OpenCV's buildFlowMap and calcGradRho's rho_c (its grad is recomputed where used). OpenCV 5.0's remap(INTER_CUBIC) with float maps does not
+# use the 1/32 fixed-point weight table of earlier versions: it takes the fraction in float and
+# computes the weights per pixel; its AVX2 build (what OpenCV dispatches to on a CPU with AVX2)
+# fuses them with FMAs, its baseline build does not. Taps outside the image read the constant
+# border 0. Order and FMAs below were read off its results bit for bit (tests/test_tvl1_fused.py
+# checks both variants against cv2.remap).
+
+
+@njit(inline="always", **_jit)
+def _cubic_coeffs(t, use_fma):
+    """remap's cubic weights for the fraction t (A = -0.75), in its operation order."""
+    u = _ONE - t
+    t2 = t * t
+    c0 = _A * (t * (u * u))
+    c3 = _A * (u * t2)
+    if use_fma:
+        c1 = _fma(_fma(_K3, t, _K2), t2, _ONE)
+    else:
+        c1 = (_K3 * t + _K2) * t2 + _ONE
+    c2 = ((_ONE - c0) - c1) - c3
+    return c0, c1, c2, c3
+
+
+@njit(inline="always", **_jit)
+def _dot4(p0, p1, p2, p3, c0, c1, c2, c3, use_fma):
+    if use_fma:
+        return _fma(p3, c3, _fma(p2, c2, _fma(p1, c1, p0 * c0)))
+    return ((p0 * c0 + p1 * c1) + p2 * c2) + p3 * c3
+
+
+@njit(inline="always", **_jit)
+def _tap_rows(S, ch, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma):
+    a0 = _dot4(S[ch, r, c], S[ch, r, c + 1], S[ch, r, c + 2], S[ch, r, c + 3], cx0, cx1, cx2, cx3, use_fma)
+    a1 = _dot4(S[ch, r + 1, c], S[ch, r + 1, c + 1], S[ch, r + 1, c + 2], S[ch, r + 1, c + 3],
+               cx0, cx1, cx2, cx3, use_fma)
+    a2 = _dot4(S[ch, r + 2, c], S[ch, r + 2, c + 1], S[ch, r + 2, c + 2], S[ch, r + 2, c + 3],
+               cx0, cx1, cx2, cx3, use_fma)
+    a3 = _dot4(S[ch, r + 3, c], S[ch, r + 3, c + 1], S[ch, r + 3, c + 2], S[ch, r + 3, c + 3],
+               cx0, cx1, cx2, cx3, use_fma)
+    return _dot4(a0, a1, a2, a3, cy0, cy1, cy2, cy3, use_fma)
+
+
+@njit(inline="always", **_jit)
+def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
+    """The warp of row y: blocks of 16 pixels in tvl1_warp_ir's gathering IR, the rest here (the
+    same arithmetic; tests/test_tvl1_fused.py checks a width with both against the remap model)."""
+    H, W = I0.shape
+    fy0 = F32(y)
+    nblk = W // LANES
+    if nblk > 0:
+        wl = F32(W + 1)
+        hl = F32(H + 1)
+        if use_fma:
+            _WARP16_FMA(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], rho_c[y], nblk, fy0, wl, hl)
+        else:
+            _WARP16_PLAIN(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], rho_c[y], nblk, fy0, wl, hl)
+    for x in range(nblk * LANES, W):
+        u1v = u1[y, x]
+        u2v = u2[y, x]
+        sx = F32(x) + u1v   # buildFlowMap: x + u1, y + u2 in float
+        sy = fy0 + u2v
+        w = _ZERO
+        wx = _ZERO
+        wy = _ZERO
+        # A tap inside needs floor(sx) in [-2, W] and floor(sy) in [-2, H]; else every tap reads
+        # the zero border (NaN lands here too).
+        if sx >= F32(-2.0) and sx < F32(W + 1) and sy >= F32(-2.0) and sy < F32(H + 1):
+            fx = np.floor(sx)
+            fy = np.floor(sy)
+            cx0, cx1, cx2, cx3 = _cubic_coeffs(sx - fx, use_fma)
+            cy0, cy1, cy2, cy3 = _cubic_coeffs(sy - fy, use_fma)
+            r = int(fy) - 1 + PAD
+            c = int(fx) - 1 + PAD
+            w = _tap_rows(S, 0, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma)
+            wx = _tap_rows(S, 1, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma)
+            wy = _tap_rows(S, 2, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma)
+        I1wx[y, x] = wx
+        I1wy[y, x] = wy
+        rho_c[y, x] = ((w - wx * u1v) - wy * u2v) - I0[y, x]
+
+
+@njit(**_jit)
+def warp_rows(y0, y1, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
+    """The warp of rows y0 .. y1-1 (the whole image for one thread)."""
+    for y in range(y0, y1):
+        _warp_row(y, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma)
+
+
+@njit(parallel=True, **_jit)
+def warp_parallel(bands, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
+    for b in prange(bands.shape[0] - 1):
+        warp_rows(bands[b], bands[b + 1], I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma)
