@@ -1,8 +1,9 @@
 """The fused TV-L1 engine's warp (per warp of each scale; flowprep/tvl1_fused.py drives it).
 
-What it computes: OpenCV's centeredGradient of I1 (per scale), then, per warp, OpenCV 5.0's cubic remap of I1, I1x and I1y sharing one set of weights per pixel,
-then calcGradRho's rho_c, in the same float32 operations in the same order (no fast-math flags, so LLVM
-neither reassociates nor fuses; llvm.fma only where OpenCV's AVX2 remap has FMAs).
+What it computes: OpenCV's centeredGradient of I1 (per scale), then, per warp, OpenCV 5.0's
+cubic remap of I1, I1x and I1y sharing one set of weights per pixel, fused with buildFlowMap and
+calcGradRho's rho_c, in OpenCV's float32 operations in OpenCV's order (no fast-math flags, so
+LLVM neither reassociates nor fuses; llvm.fma only where OpenCV's AVX2 remap has FMAs).
 
 Why IR. Each pixel reads 48 source values at positions that depend on the flow: a gather. numba's
 loop vectoriser will not emit gathers for the scalar kernel (it cannot bound the addresses to

@@ -224,7 +224,7 @@ def test_cubic_remap_other_cpu_variant():
 def test_warp_kernel_is_the_model(use_fma):
     """The fused warp kernel (three remaps sharing weights + calcGradRho) against the numpy model
     of cv2.remap, for both remap variants."""
-    from flowprep import tvl1_kernels as K
+    from flowprep import tvl1_warp as K
     rng = np.random.default_rng(5)
     h, w = 37, 45
     I1 = (rng.random((h, w)) * 255).astype(F32)
