@@ -82,22 +82,19 @@ def median5(src, dst, padded):
     when src holds a NaN or a -0.0 (use cv2.medianBlur then)."""
     H, W = src.shape
     odd = False
-    for y in range(H):
-        S = src[y]
-        for x in range(W):
-            v = S[x]
-            odd |= (v != v) | (_bits(v) == _NEG_ZERO)
-    if odd:
-        return False
     for y in range(H + 4):
         S = src[min(max(y - 2, 0), H - 1)]
         P = padded[y]
         for x in range(W):
-            P[x + 2] = S[x]
+            v = S[x]
+            P[x + 2] = v
+            odd |= (v != v) | (_bits(v) == _NEG_ZERO)
         P[0] = S[0]
         P[1] = S[0]
         P[W + 2] = S[W - 1]
         P[W + 3] = S[W - 1]
+    if odd:
+        return False
     for y in range(H):
         R0 = padded[y]
         R1 = padded[y + 1]
@@ -111,4 +108,4 @@ def median5(src, dst, padded):
                              R2[x], R2[x + 1], R2[x + 2], R2[x + 3], R2[x + 4],
                              R3[x], R3[x + 1], R3[x + 2], R3[x + 3], R3[x + 4],
                              R4[x], R4[x + 1], R4[x + 2], R4[x + 3], R4[x + 4])
-    return True
+    return not odd
