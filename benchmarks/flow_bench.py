@@ -23,7 +23,8 @@ Five sections, each printing a Markdown table (`--section` picks some; default a
 
 - engines: the two CPU engines of TV-L1, fused (flowprep/tvl1_fused.py) and OpenCV's own:
   benchmarks/engine_bench.py's tables (per pair and preset on one core, 340x256: OpenCV ms, fused
-  ms, the ratio in the same run, bit identity; cold and warm compile; parallel rows), then
+  ms right after OpenCV's run and warm, the ratios in the same run, bit identity; cold and warm
+  compile; parallel rows), then
   `flowprep extract --workers 0` on a few real clips both ways (wall time, and whether the two
   stores are byte for byte the same).
 

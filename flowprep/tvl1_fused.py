@@ -18,13 +18,17 @@ run as wide as the CPU's vectors (512 bits where it has them). Per warp, the thr
 remaps (I1, I1x, I1y) share one set of weights per pixel, gather 16 pixels at a time
 (flowprep/tvl1_warp.py) and are fused with the flow map and calcGradRho's rho_c; its grad
 (I1wx^2 + I1wy^2, the same float operations) is recomputed in the sweep, cheaper than reading
-it from memory. Pyramid, flow upsampling and the median filter stay OpenCV's own (cv2.resize, cv2.medianBlur), so they match by construction.
+it from memory. The 5x5 median filter is a 16-lane sorting network (flowprep/tvl1_median.py).
+Pyramid and flow upsampling stay OpenCV's own (cv2.resize), so they match by construction.
 
 How it stays bit-identical. Every float32 operation is OpenCV's, in OpenCV's order (fastmath off,
 float32 constants, no FMA contraction). Facts that matter, each checked by the tests:
 - uint8 input converts with scale 1; the pyramid stops below 16 rows or columns; p is reset per
   scale; the divergence's first column associates as (p11 + p12) - p12[y-1]; the gradient is
-  centred 0.5f*(a - b), one-sided at the borders; the flow upsampling multiplies in double.
+  centred 0.5f*(a - b), one-sided at the borders; the flow upsampling multiplies in double (in
+  float32 where that rounds the same: a float32 factor, whose product with a float is exact).
+- A median selects: on floats without NaN or -0.0 (the flow has neither; the filter checks and
+  hands any such input to cv2.medianBlur) every exact method returns OpenCV's value.
 - OpenCV 5.0's remap(INTER_CUBIC) with float maps uses the float fraction (no 1/32 fixed-point
   table) and, on a CPU with AVX2, FMAs in a specific order; without AVX2 it uses plain mul/add.
   The warp kernel reproduces whichever of the two this OpenCV uses (probed once per process).
@@ -33,8 +37,8 @@ float32 constants, no FMA contraction). Facts that matter, each checked by the t
   test), which is libm's rounded result except within a hair of a float rounding midpoint; those
   pixels (a few in a million) get libm's hypot itself.
 - estimateU sums the error terms serially in float32 and stops when that sum is not > epsilon.
-  The kernel sums the same float32 terms in double (any order, vectorised, per thread) and
-  decides from a strict bound on the float sum's rounding error; in the rare iterations where the
+  The kernel sums the same terms per column in float32 (vectorised, per band of rows), adds the
+  column sums in double, and decides from a strict bound on both sums' rounding error; in the rare iterations where the
   bound cannot decide, it computes OpenCV's exact serial float sum. So threads > 1 (bands of rows
   in parallel) give the same bits as threads = 1.
 - x86-64 only: OpenCV's wheel is built for SSE3 with AVX2/FMA3 dispatch and its TV-L1 file has no
