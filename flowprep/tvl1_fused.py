@@ -250,6 +250,7 @@ class _Level:
     def __init__(self, h: int, w: int, bands: int, pad: int):
         e = lambda *s: np.empty(s, F32)  # noqa: E731
         self.S = e(3, h + 2 * pad, w + 2 * pad)
+        self.pairs = e(h + 2 * pad, w + 2 * pad, 2)   # S[0], S[1] interleaved, for the warp's gathers
         self.I1wx, self.I1wy, self.rho_c, self.terms = (e(h, w) for _ in range(4))
         self.p = [e(h, w) for _ in range(4)]
         self.spare = [e(h, w), e(h, w)]   # the median filter's outputs, swapped with u1, u2
@@ -338,15 +339,15 @@ class FusedTVL1:
             if lv is None:
                 lv = self._levels[(h, w)] = _Level(h, w, nb, W.PAD)
             eps = F32(p["epsilon"] * p["epsilon"] * (h * w))   # OpenCV: (float)(epsilon * epsilon * area)
-            W.centered_gradient_padded(I1s[s], lv.S)
+            W.centered_gradient_padded(I1s[s], lv.S, lv.pairs)
             for q in lv.p:
                 q[:] = 0   # OpenCV resets p per scale, not per warp
             bands = np.linspace(0, h, nb + 1).round().astype(np.int64) if par else None
             for _ in range(int(p["warps"])):
                 if par:
-                    W.warp_parallel(bands, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
+                    W.warp_parallel(bands, I0, lv.S, lv.pairs, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
                 else:
-                    W.warp_rows(0, h, I0, lv.S, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
+                    W.warp_rows(0, h, I0, lv.S, lv.pairs, u1, u2, lv.I1wx, lv.I1wy, lv.rho_c, use_fma)
                 more = True   # OpenCV: error = FLT_MAX per warp
                 for _ in range(int(p["outer_iterations"])):
                     if not more:

@@ -73,12 +73,14 @@ def _function(name: str, use_fma: bool, pad: int) -> str:
             return fma(p[3], c[3], fma(p[2], c[2], fma(p[1], c[1], mul(p[0], c[0]))))
         return add(add(add(mul(p[0], c[0]), mul(p[1], c[1])), mul(p[2], c[2])), mul(p[3], c[3]))
 
-    def load(ptr: str) -> str:
-        return op(f"load {_V}, ptr {op(f'getelementptr float, ptr {ptr}, i64 %x0')}, align 4")
+    def load(ptr: str, at: str = "%x0") -> str:
+        return op(f"load {_V}, ptr {op(f'getelementptr float, ptr {ptr}, i64 {at}')}, align 4")
 
     iota = "<" + ", ".join(f"float {_f32(i)}" for i in range(LANES)) + ">"
-    body.append("  %k = phi i64 [0, %entry], [%k1, %loop]")
+    body.append("  %k = phi i64 [0, %entry], [%k1, %join]")
     body.append(f"  %x0 = mul i64 %k, {LANES}")
+    body.append(f"  %x0v.0 = insertelement <{LANES} x i32> poison, i32 {op('trunc i64 %x0 to i32')}, i64 0")
+    body.append(f"  %x0v = shufflevector <{LANES} x i32> %x0v.0, <{LANES} x i32> poison, <{LANES} x i32> zeroinitializer")
     xs = op(f"insertelement {_V} poison, float {op('sitofp i64 %x0 to float')}, i64 0")
     xf = add(op(f"shufflevector {_V} {xs}, {_V} poison, <{LANES} x i32> zeroinitializer"), iota)
     u1, u2, i0 = load("%u1"), load("%u2"), load("%i0")
@@ -94,18 +96,52 @@ def _function(name: str, use_fma: bool, pad: int) -> str:
     ix = op(f"fptosi {_V} {fx} to <{LANES} x i32>")
     iy = op(f"fptosi {_V} {fy} to <{LANES} x i32>")
     idx = op(f"add <{LANES} x i32> {op(f'mul <{LANES} x i32> {iy}, %rsv')}, {ix}")
-    warped = []
+    # Uniform block: every lane inside, one source row, one column offset (ix = x + d): the taps
+    # are plain vector loads. Else gathers, I1 and I1x as one 64-bit gather from their
+    # interleaved copy (half the element loads), I1y as 32-bit ones.
+    V32 = f"<{LANES} x i32>"
+    d = op(f"sub {V32} {ix}, {op(f'add {V32} %x0v, {_iota32()}')}")
+    dmin, dmax, rmin, rmax = (op(f"call i32 @llvm.vector.reduce.{f}.v16i32({V32} {v})")
+                              for f, v in (("smin", d), ("smax", d), ("smin", iy), ("smax", iy)))
+    allin = op(f"call i1 @llvm.vector.reduce.and.v16i1(<{LANES} x i1> {m})")
+    one_d = op(f"icmp eq i32 {dmin}, {dmax}")
+    one_r = op(f"icmp eq i32 {rmin}, {rmax}")
+    uni = op(f"and i1 {op(f'and i1 {allin}, {one_d}')}, {one_r}")
+    body.append(f"  br i1 {uni}, label %fast, label %slow")
+    body.append("fast:")
+    # S[ch][r0 - 1 + pad + i][x0 + d - 1 + pad + j + lane]: rows and offsets from the entry's taps
+    r64 = op(f"sext i32 {rmin} to i64")
+    d64 = op(f"sext i32 {dmin} to i64")
+    base = op(f"add i64 {op(f'mul i64 {r64}, %rs64')}, {op(f'add i64 %x0, {d64}')}")
+    fast = []
     for ch in range(3):
         rows = []
         for i in range(4):
-            taps = []
-            for j in range(4):
-                ptrs = op(f"getelementptr float, ptr %tap{ch}{i}{j}, <{LANES} x i32> {idx}")
-                taps.append(op(f"call {_V} @llvm.masked.gather.v16f32.v16p0(<{LANES} x ptr> align 4 {ptrs}, "
-                               f"<{LANES} x i1> {m}, {_V} zeroinitializer)"))
+            taps = [load(f"%tap{ch}{i}{j}", base) for j in range(4)]
             rows.append(dot4(taps, cx))
-        warped.append(select(m, dot4(rows, cy)))
-    w, wx, wy = warped
+        fast.append(dot4(rows, cy))   # every lane inside: nothing to zero
+    body.append("  br label %join")
+    body.append("slow:")
+    Q = f"<{LANES} x i64>"
+    rows = [[], [], []]
+    for i in range(4):
+        taps = [[], [], []]
+        for j in range(4):
+            ptrs = op(f"getelementptr i64, ptr %pair{i}{j}, {V32} {idx}")
+            g = op(f"call {Q} @llvm.masked.gather.v16i64.v16p0(<{LANES} x ptr> align 8 {ptrs}, "
+                   f"<{LANES} x i1> {m}, {Q} zeroinitializer)")
+            hi = op(f"lshr {Q} {g}, <" + ", ".join(["i64 32"] * LANES) + ">")
+            taps[0].append(op(f"bitcast {V32} {op(f'trunc {Q} {g} to {V32}')} to {_V}"))    # I1: low half
+            taps[1].append(op(f"bitcast {V32} {op(f'trunc {Q} {hi} to {V32}')} to {_V}"))   # I1x: high half
+            ptrs = op(f"getelementptr float, ptr %tap2{i}{j}, {V32} {idx}")
+            taps[2].append(op(f"call {_V} @llvm.masked.gather.v16f32.v16p0(<{LANES} x ptr> align 4 {ptrs}, "
+                              f"<{LANES} x i1> {m}, {_V} zeroinitializer)"))
+        for ch in range(3):
+            rows[ch].append(dot4(taps[ch], cx))
+    slow = [select(m, dot4(rows[ch], cy)) for ch in range(3)]
+    body.append("  br label %join")
+    body.append("join:")
+    w, wx, wy = (op(f"phi {_V} [{a}, %fast], [{b}, %slow]") for a, b in zip(fast, slow))
     rho = sub(sub(sub(w, mul(wx, u1)), mul(wy, u2)), i0)
     for arr, v in (("ix", wx), ("iy", wy), ("rho", rho)):
         body.append(f"  store {_V} {v}, ptr {op(f'getelementptr float, ptr %o{arr}, i64 %x0')}, align 4")
@@ -120,14 +156,16 @@ def _function(name: str, use_fma: bool, pad: int) -> str:
                   f"  %{name_} = shufflevector {vt} %{name_}.0, {vt} poison, <{LANES} x i32> zeroinitializer"]
     entry.append("  %rs64 = sext i32 %rs to i64")
     # tap (i, j) of a pixel with floor(s) = (fx, fy) reads S[ch][fy - 1 + pad + i][fx - 1 + pad + j]
-    for ch in range(3):
-        for i in range(4):
-            entry.append(f"  %row{ch}{i} = mul i64 %rs64, {pad - 1 + i}")
-            for j in range(4):
-                entry.append(f"  %off{ch}{i}{j} = add i64 %row{ch}{i}, {pad - 1 + j}")
-                entry.append(f"  %tap{ch}{i}{j} = getelementptr float, ptr %S{ch}, i64 %off{ch}{i}{j}")
+    for i in range(4):
+        entry.append(f"  %row{i} = mul i64 %rs64, {pad - 1 + i}")
+        for j in range(4):
+            entry.append(f"  %off{i}{j} = add i64 %row{i}, {pad - 1 + j}")
+            for ch in range(3):
+                entry.append(f"  %tap{ch}{i}{j} = getelementptr float, ptr %S{ch}, i64 %off{i}{j}")
+            entry.append(f"  %pair{i}{j} = getelementptr i64, ptr %S01, i64 %off{i}{j}")
     entry += ["  %none = icmp eq i64 %nblk, 0", "  br i1 %none, label %exit, label %loop"]
-    args = ", ".join(["ptr noalias %S0", "ptr noalias %S1", "ptr noalias %S2", "i32 %rs", "ptr noalias %u1",
+    args = ", ".join(["ptr noalias %S0", "ptr noalias %S1", "ptr noalias %S2", "ptr noalias %S01", "i32 %rs",
+                      "ptr noalias %u1",
                       "ptr noalias %u2", "ptr noalias %i0", "ptr noalias %oix", "ptr noalias %oiy",
                       "ptr noalias %orho", "i64 %nblk", "float %fy0", "float %wlim",
                       "float %hlim"])
@@ -136,36 +174,44 @@ def _function(name: str, use_fma: bool, pad: int) -> str:
             + "\n".join(body) + "\nexit:\n  ret void\n}\n")
 
 
+def _iota32() -> str:
+    return "<" + ", ".join(f"i32 {i}" for i in range(LANES)) + ">"
+
+
 def module_ir(pad: int) -> str:
     """The IR text of both variants for source planes with a `pad`-wide zero frame."""
     return (f"declare {_V} @llvm.fma.v16f32({_V}, {_V}, {_V})\n"
             f"declare {_V} @llvm.floor.v16f32({_V})\n"
             f"declare {_V} @llvm.masked.gather.v16f32.v16p0(<{LANES} x ptr>, <{LANES} x i1>, {_V})\n"
+            f"declare <{LANES} x i64> @llvm.masked.gather.v16i64.v16p0(<{LANES} x ptr>, <{LANES} x i1>, <{LANES} x i64>)\n"
+            f"declare i32 @llvm.vector.reduce.smin.v16i32(<{LANES} x i32>)\n"
+            f"declare i32 @llvm.vector.reduce.smax.v16i32(<{LANES} x i32>)\n"
+            f"declare i1 @llvm.vector.reduce.and.v16i1(<{LANES} x i1>)\n"
             + _function("tvl1_warp16_fma", True, pad) + _function("tvl1_warp16_plain", False, pad))
 
 
 def make_warp16(pad: int) -> tuple:
-    """Two numba intrinsics, (with FMAs, without), each warp(S0, S1, S2, u1, u2, I0, I1wx, I1wy,
-    rho_c, nblk, y, W+1, H+1) warping the first 16*nblk pixels of a row: S0..S2 are the
-    padded planes of I1, I1x, I1y (2-D), the others that row's 1-D views; y, W+1 and H+1 are
-    float32."""
+    """Two numba intrinsics, (with FMAs, without), each warp(S0, S1, S2, pairs, u1, u2, I0, I1wx,
+    I1wy, rho_c, nblk, y, W+1, H+1) warping the first 16*nblk pixels of a row: S0..S2 are the
+    padded planes of I1, I1x, I1y (2-D), pairs the same I1 and I1x interleaved (H x W x 2), the
+    others that row's 1-D views; y, W+1 and H+1 are float32."""
     text = module_ir(pad)
 
     def make(name: str):
         @intrinsic
-        def warp16(typingctx, S0, S1, S2, u1, u2, i0, oix, oiy, orho, nblk, fy0, wlim, hlim):
-            sig = types.void(S0, S1, S2, u1, u2, i0, oix, oiy, orho, nblk, fy0, wlim, hlim)
+        def warp16(typingctx, S0, S1, S2, S01, u1, u2, i0, oix, oiy, orho, nblk, fy0, wlim, hlim):
+            sig = types.void(S0, S1, S2, S01, u1, u2, i0, oix, oiy, orho, nblk, fy0, wlim, hlim)
 
             def codegen(context, builder, sig, args):
                 context.active_code_library.add_llvm_module(llvm.parse_assembly(text))
                 fp = ir.PointerType(ir.FloatType())
-                fnty = ir.FunctionType(ir.VoidType(), [fp] * 3 + [ir.IntType(32)] + [fp] * 6
+                fnty = ir.FunctionType(ir.VoidType(), [fp] * 4 + [ir.IntType(32)] + [fp] * 6
                                        + [ir.IntType(64)] + [ir.FloatType()] * 3)
                 fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-                arrays = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:9], args[:9])]
+                arrays = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:10], args[:10])]
                 row_stride = builder.trunc(cgutils.unpack_tuple(builder, arrays[0].shape)[1], ir.IntType(32))
                 ptrs = [builder.bitcast(a.data, fp) for a in arrays]
-                builder.call(fn, ptrs[:3] + [row_stride] + ptrs[3:] + list(args[9:]))
+                builder.call(fn, ptrs[:4] + [row_stride] + ptrs[4:] + list(args[10:]))
                 return context.get_dummy_value()
             return sig, codegen
         return warp16
@@ -184,20 +230,26 @@ _WARP16_FMA, _WARP16_PLAIN = make_warp16(PAD)
 
 
 @njit(**_jit)
-def centered_gradient_padded(src, dst):
-    """dst[0] = I1, dst[1] = dI1/dx, dst[2] = dI1/dy, each inside a PAD-wide zero frame.
-    0.5f*(a - b) of the neighbours, one-sided at the borders, as OpenCV."""
+def centered_gradient_padded(src, dst, pairs):
+    """dst[0] = I1, dst[1] = dI1/dx, dst[2] = dI1/dy, each inside a PAD-wide zero frame, and
+    pairs[..., 0], pairs[..., 1] = dst[0], dst[1] interleaved (the warp gathers them as one
+    64-bit value). 0.5f*(a - b) of the neighbours, one-sided at the borders, as OpenCV."""
     H, W = src.shape
     dst[:] = _ZERO
+    pairs[:] = _ZERO
     for y in range(H):
         ym = y - 1 if y > 0 else 0
         yp = y + 1 if y < H - 1 else H - 1
         for x in range(W):
             xm = x - 1 if x > 0 else 0
             xp = x + 1 if x < W - 1 else W - 1
-            dst[0, y + PAD, x + PAD] = src[y, x]
-            dst[1, y + PAD, x + PAD] = _HALF * (src[y, xp] - src[y, xm])
+            i = src[y, x]
+            gx = _HALF * (src[y, xp] - src[y, xm])
+            dst[0, y + PAD, x + PAD] = i
+            dst[1, y + PAD, x + PAD] = gx
             dst[2, y + PAD, x + PAD] = _HALF * (src[yp, x] - src[ym, x])
+            pairs[y + PAD, x + PAD, 0] = i
+            pairs[y + PAD, x + PAD, 1] = gx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +297,8 @@ def _tap_rows(S, ch, r, c, cx0, cx1, cx2, cx3, cy0, cy1, cy2, cy3, use_fma):
 
 
 @njit(inline="always", **_jit)
-def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
-    """The warp of row y: blocks of 16 pixels in tvl1_warp_ir's gathering IR, the rest here (the
+def _warp_row(y, I0, S, pairs, u1, u2, I1wx, I1wy, rho_c, use_fma):
+    """The warp of row y: blocks of 16 pixels in the IR above, the rest here (the
     same arithmetic; tests/test_tvl1_fused.py checks a width with both against the remap model)."""
     H, W = I0.shape
     fy0 = F32(y)
@@ -255,9 +307,9 @@ def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
         wl = F32(W + 1)
         hl = F32(H + 1)
         if use_fma:
-            _WARP16_FMA(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], rho_c[y], nblk, fy0, wl, hl)
+            _WARP16_FMA(S[0], S[1], S[2], pairs, u1[y], u2[y], I0[y], I1wx[y], I1wy[y], rho_c[y], nblk, fy0, wl, hl)
         else:
-            _WARP16_PLAIN(S[0], S[1], S[2], u1[y], u2[y], I0[y], I1wx[y], I1wy[y], rho_c[y], nblk, fy0, wl, hl)
+            _WARP16_PLAIN(S[0], S[1], S[2], pairs, u1[y], u2[y], I0[y], I1wx[y], I1wy[y], rho_c[y], nblk, fy0, wl, hl)
     for x in range(nblk * LANES, W):
         u1v = u1[y, x]
         u2v = u2[y, x]
@@ -284,13 +336,13 @@ def _warp_row(y, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
 
 
 @njit(**_jit)
-def warp_rows(y0, y1, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
+def warp_rows(y0, y1, I0, S, pairs, u1, u2, I1wx, I1wy, rho_c, use_fma):
     """The warp of rows y0 .. y1-1 (the whole image for one thread)."""
     for y in range(y0, y1):
-        _warp_row(y, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma)
+        _warp_row(y, I0, S, pairs, u1, u2, I1wx, I1wy, rho_c, use_fma)
 
 
 @njit(parallel=True, **_jit)
-def warp_parallel(bands, I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma):
+def warp_parallel(bands, I0, S, pairs, u1, u2, I1wx, I1wy, rho_c, use_fma):
     for b in prange(bands.shape[0] - 1):
-        warp_rows(bands[b], bands[b + 1], I0, S, u1, u2, I1wx, I1wy, rho_c, use_fma)
+        warp_rows(bands[b], bands[b + 1], I0, S, pairs, u1, u2, I1wx, I1wy, rho_c, use_fma)

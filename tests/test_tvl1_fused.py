@@ -220,20 +220,30 @@ def test_cubic_remap_other_cpu_variant():
     assert avx2 == "False" and variant == "False", out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("flow", ["noisy", "smooth"])
 @pytest.mark.parametrize("use_fma", [True, False])
-def test_warp_kernel_is_the_model(use_fma):
+def test_warp_kernel_is_the_model(use_fma, flow):
     """The fused warp kernel (three remaps sharing weights + calcGradRho) against the numpy model
-    of cv2.remap, for both remap variants."""
+    of cv2.remap, for both remap variants: noisy flow (every 16-pixel block gathers) and smooth
+    flow (most blocks read one source row at one offset: plain loads; near the borders and where
+    the flow crosses a whole pixel, gathers)."""
     from flowprep import tvl1_warp as K
     rng = np.random.default_rng(5)
     h, w = 37, 45
     I1 = (rng.random((h, w)) * 255).astype(F32)
     I0 = (rng.random((h, w)) * 255).astype(F32)
     yy, xx = np.mgrid[0:h, 0:w].astype(F32)
-    u1 = (rng.standard_normal((h, w)) * 4).astype(F32)
-    u2 = (rng.standard_normal((h, w)) * 4).astype(F32)
+    if flow == "noisy":
+        u1 = (rng.standard_normal((h, w)) * 4).astype(F32)
+        u2 = (rng.standard_normal((h, w)) * 4).astype(F32)
+    else:
+        u1 = (2.3 + 0.6 * np.sin(xx / 9) + 0.01 * rng.standard_normal((h, w))).astype(F32)
+        u2 = (-1.7 + 0.4 * np.cos(yy / 7) + 0.01 * rng.standard_normal((h, w))).astype(F32)
     S = np.empty((3, h + 2 * K.PAD, w + 2 * K.PAD), F32)
-    K.centered_gradient_padded(I1, S)
+    pairs = np.empty((h + 2 * K.PAD, w + 2 * K.PAD, 2), F32)
+    K.centered_gradient_padded(I1, S, pairs)
+    _assert_same(pairs[..., 0], S[0], "interleaved I1")
+    _assert_same(pairs[..., 1], S[1], "interleaved I1x")
     gx, gy = S[1, K.PAD:-K.PAD, K.PAD:-K.PAD], S[2, K.PAD:-K.PAD, K.PAD:-K.PAD]
     ex = np.empty_like(I1)   # OpenCV's centredGradient: 0.5f*(a - b), one-sided at the borders
     ex[:, 1:-1] = F32(0.5) * (I1[:, 2:] - I1[:, :-2])
@@ -244,7 +254,7 @@ def test_warp_kernel_is_the_model(use_fma):
     ey[0], ey[-1] = F32(0.5) * (I1[1] - I1[0]), F32(0.5) * (I1[-1] - I1[-2])
     _assert_same(gy, ey, "centred gradient y")
     out = [np.empty((h, w), F32) for _ in range(3)]
-    K.warp_rows(0, h, I0, S, u1, u2, *out, use_fma)
+    K.warp_rows(0, h, I0, S, pairs, u1, u2, *out, use_fma)
     mx, my = (xx + u1).astype(F32), (yy + u2).astype(F32)
     w0, wx, wy = (TF._remap_model(a, mx, my, use_fma) for a in (I1, ex, ey))
     _assert_same(out[0], wx, "warped I1x")
