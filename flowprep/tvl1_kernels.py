@@ -5,8 +5,11 @@ Every kernel repeats the float32 arithmetic of the OpenCV 5.0 code it replaces, 
 operation: fastmath off (so LLVM contracts nothing into FMAs and reassociates nothing), every
 constant np.float32 (a bare Python float would turn the expression into float64), and
 error_model="numpy" (Python's model adds a division-by-zero branch that stops vectorisation). The
-only FMAs are the explicit `_fma` calls: where OpenCV's own AVX2 remap code has them, and in the
-hypot model, where they compute exact residues (not OpenCV's arithmetic, but its result).
+only FMAs are the explicit `_fma` calls: where OpenCV's own AVX2 remap code has them (in
+flowprep/tvl1_warp.py), and in the hypot model, where they compute exact residues (not OpenCV's
+arithmetic, but its result). numba's on-disk cache keys each compiled function on its own file:
+the warp and the median use `_jit`, `_fma` and `_bits` from here, so after changing those, touch
+tvl1_warp.py and tvl1_median.py too (or clear the cache).
 """
 from __future__ import annotations
 
@@ -360,8 +363,8 @@ def inner_parallel(bands, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, t
     """inner_serial with bands of rows in parallel. Each band pipelines its own rows: V/D/U of all
     of them, the dual update of all but its last. That last row's dual update needs the next
     band's new u, and the next band's first divergence reads its old p, so it runs after the
-    barrier. Each band sums its own columns; the decision uses that double sum only through the
-    rounding bound (else the exact serial float sum), so neither banding nor thread count can
+    barrier. Each band sums its own columns in float32; the decision adds them in double and uses
+    that sum only through the rounding bound (else the exact serial float sum), so neither banding nor thread count can
     change a result."""
     nb = bands.shape[0] - 1
     libm = np.zeros(nb, np.int64)

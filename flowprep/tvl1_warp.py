@@ -8,8 +8,11 @@ LLVM neither reassociates nor fuses; llvm.fma only where OpenCV's AVX2 remap has
 Why IR. Each pixel reads 48 source values at positions that depend on the flow: a gather. numba's
 loop vectoriser will not emit gathers for the scalar kernel (it cannot bound the addresses to
 rule out aliasing with the outputs), so the scalar warp ran at ~20 ns a pixel, a quarter of a
-fast-preset solve. Here the 48 reads are llvm.masked.gather of 16 lanes (vgatherdps on AVX2 and
-AVX-512; LLVM splits or scalarises them elsewhere, with the same results), ~2.5x faster.
+fast-preset solve. Here 16 pixels go at a time, read one of two ways (same values): when all 16
+read one source row at one column offset (a translation, about a third of bikes' blocks), plain
+vector loads; else llvm.masked.gather (vgatherdps on AVX2 and AVX-512; LLVM splits or scalarises
+them elsewhere, with the same results), I1 and I1x as one 64-bit gather from their interleaved
+copy. About 3x faster than the scalar warp.
 
 How it plugs in. Rows go 16 pixels at a time through LLVM IR written here (`module_ir`), the rest
 of a row through the scalar numba code below, the same arithmetic. `make_warp16` makes numba
@@ -193,13 +196,20 @@ def module_ir(pad: int) -> str:
 def make_warp16(pad: int) -> tuple:
     """Two numba intrinsics, (with FMAs, without), each warp(S0, S1, S2, pairs, u1, u2, I0, I1wx,
     I1wy, rho_c, nblk, y, W+1, H+1) warping the first 16*nblk pixels of a row: S0..S2 are the
-    padded planes of I1, I1x, I1y (2-D), pairs the same I1 and I1x interleaved (H x W x 2), the
-    others that row's 1-D views; y, W+1 and H+1 are float32."""
+    padded planes of I1, I1x, I1y (2-D, (H + 2 pad) x (W + 2 pad)), pairs the same I1 and I1x
+    interleaved ((H + 2 pad) x (W + 2 pad) x 2: the IR uses S0's row length for both), the others
+    that row's 1-D views; y, W+1 and H+1 are float32. Every array must be C-contiguous float32
+    (typing refuses others). Gather indices are int32: fine while the padded plane has fewer
+    than 2^31 pixels, which tvl1_fused.unsupported's 32767-a-side limit ensures."""
     text = module_ir(pad)
 
     def make(name: str):
         @intrinsic
         def warp16(typingctx, S0, S1, S2, S01, u1, u2, i0, oix, oiy, orho, nblk, fy0, wlim, hlim):
+            arrays = (S0, S1, S2, S01, u1, u2, i0, oix, oiy, orho)
+            if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"
+                       for a in arrays):
+                return None   # the IR reads raw float32 rows: nothing else may reach it
             sig = types.void(S0, S1, S2, S01, u1, u2, i0, oix, oiy, orho, nblk, fy0, wlim, hlim)
 
             def codegen(context, builder, sig, args):
@@ -254,9 +264,9 @@ def centered_gradient_padded(src, dst, pairs):
 
 # ---------------------------------------------------------------------------------------------
 # Per warp: bicubic warp of I1, I1x and I1y with one set of weights per pixel, fused with
-# OpenCV's buildFlowMap and calcGradRho's rho_c (its grad is recomputed where used). OpenCV 5.0's remap(INTER_CUBIC) with float maps does not
-# use the 1/32 fixed-point weight table of earlier versions: it takes the fraction in float and
-# computes the weights per pixel; its AVX2 build (what OpenCV dispatches to on a CPU with AVX2)
+# OpenCV's buildFlowMap and calcGradRho's rho_c (its grad is recomputed where used). OpenCV
+# 5.0's remap(INTER_CUBIC) with float maps does not use the 1/32 fixed-point weight table of
+# earlier versions: it takes the fraction in float and computes the weights per pixel; its AVX2 build (what OpenCV dispatches to on a CPU with AVX2)
 # fuses them with FMAs, its baseline build does not. Taps outside the image read the constant
 # border 0. Order and FMAs below were read off its results bit for bit (tests/test_tvl1_fused.py
 # checks both variants against cv2.remap).

@@ -137,6 +137,21 @@ def test_other_parameters():
                            median_filtering=3, epsilon=0.005), "scale 0.7, median 3")
     _check(prev, nxt, dict(nscales=2, scale_step=0.5, warps=2, inner_iterations=5, outer_iterations=2,
                            median_filtering=1, tau=0.2, lambda_=0.2, theta=0.4), "no median, other tau/lambda/theta")
+    _check(prev, nxt, dict(nscales=3, scale_step=1.0, warps=2, inner_iterations=5, outer_iterations=2),
+           "scale 1: every level one size, one set of work buffers")
+
+
+def test_median_fallback_to_opencv(monkeypatch):
+    """Where the engine's median declines (NaN or -0.0 in u), the driver filters with
+    cv2.medianBlur instead, and the flow is still OpenCV's."""
+    from flowprep import tvl1_median
+    calls = []
+    monkeypatch.setattr(tvl1_median, "median5", lambda u, out, bordered: False)
+    real = cv2.medianBlur
+    monkeypatch.setattr(TF.cv2, "medianBlur", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prev, nxt = PAIRS["bunny"]((64, 48))
+    _check(prev, nxt, dict(nscales=2, warps=2, inner_iterations=5, outer_iterations=2), "median by OpenCV")
+    assert calls, "cv2.medianBlur was not called"
 
 
 def test_error_sum_order_is_opencvs():
@@ -223,7 +238,7 @@ def test_cubic_remap_other_cpu_variant():
 @pytest.mark.parametrize("flow", ["noisy", "smooth"])
 @pytest.mark.parametrize("use_fma", [True, False])
 def test_warp_kernel_is_the_model(use_fma, flow):
-    """The fused warp kernel (three remaps sharing weights + calcGradRho) against the numpy model
+    """The fused warp kernel (three remaps sharing weights + calcGradRho's rho_c) against the numpy model
     of cv2.remap, for both remap variants: noisy flow (every 16-pixel block gathers) and smooth
     flow (most blocks read one source row at one offset: plain loads; near the borders and where
     the flow crosses a whole pixel, gathers)."""
@@ -236,6 +251,9 @@ def test_warp_kernel_is_the_model(use_fma, flow):
     if flow == "noisy":
         u1 = (rng.standard_normal((h, w)) * 4).astype(F32)
         u2 = (rng.standard_normal((h, w)) * 4).astype(F32)
+        # sources on the edges of "any tap inside" and far away, in a 16-pixel block of mixed lanes
+        u1[0, :6] = np.array([-2.0, -1.5, w - 1.0, w + 0.5, w + 1.0, 1e9]) - np.arange(6)
+        u2[1, :4] = np.array([-2.0, h + 0.999, -3.0, h + 1.0]) - 1
     else:
         u1 = (2.3 + 0.6 * np.sin(xx / 9) + 0.01 * rng.standard_normal((h, w))).astype(F32)
         u2 = (-1.7 + 0.4 * np.cos(yy / 7) + 0.01 * rng.standard_normal((h, w))).astype(F32)
@@ -389,7 +407,7 @@ def test_median_is_opencvs(shape):
 
 
 def test_error_decision_bound():
-    """The decision from the double sum agrees with OpenCV's serial float32 sum, and falls back
+    """The decision from the column sums agrees with OpenCV's serial float32 sum, and falls back
     to computing that sum when the bound cannot decide."""
     from flowprep import tvl1_kernels as K
     rng = np.random.default_rng(2)
