@@ -74,12 +74,12 @@ def open_backward_writer(fmt: str, root: str | Path, video_id: str):
     return get_format(fmt).BackwardWriter(root, video_id)
 
 
-
 class Inspection(NamedTuple):
     """What `Store.inspect` found: the reason a video is not whole (None: it is), and what it read."""
     problem: str | None
     meta: dict = {}
     bflows: int = 0
+
 
 class Store:
     """A store on disk. `Store(root)` reads OUT/store.json to learn the format, and OUT/verify.json:

@@ -131,6 +131,12 @@ def selection_score(record: dict, best_by: str = "val_acc") -> float:
     return -record["val_loss"] if best_by == "val_loss" else record["val_acc"]
 
 
+def record_of(records: list[dict], epoch: int | None) -> dict:
+    """The log record of epoch number `epoch` (counted from 1); {} when the log lacks it (a run
+    resumed without its log)."""
+    return next((r for r in records if r["epoch"] == epoch), {})
+
+
 def commit_epoch(run_dir: Path, epoch: int, record: dict, best: tuple[float | None, int | None], has_val: bool,
                  records: list[dict], world: int, rank: int, state, meta: dict,
                  best_by: str = "val_acc") -> tuple[float | None, int | None]:
@@ -149,7 +155,7 @@ def commit_epoch(run_dir: Path, epoch: int, record: dict, best: tuple[float | No
     states = all_rng_states(world)
     if rank == 0:
         records.append(record)
-        best_record = next((r for r in records if r["epoch"] == best_epoch), {})  # {}: resumed without a log
+        best_record = record_of(records, best_epoch)
         chosen = BEST_BY[best_by] if has_val else "last epoch (no validation part: data.val_fraction = 0)"
         last = {**state(), "version": VERSION, "epoch": done, "best_acc": best_record.get("val_acc"),
                 "best_score": best_score, "best_by": best_by, "best_epoch": best_epoch, "chosen_by": chosen,

@@ -187,7 +187,7 @@ def fit(model: nn.Module, params, loaders: tuple, device: torch.device, args: di
                                                               if k != "epoch"))
     if world > 1:
         dist.barrier()
-    best = next((r for r in records if r["epoch"] == best_epoch), {})
+    best = C.record_of(records, best_epoch)
     return {"out": str(run_dir), "best_acc": best.get("val_acc"), "best_epoch": best_epoch, "best_by": best_by,
             "best_record": best, "has_val": val_loader is not None, "epochs": int(args["epochs"]), "log": records,
             "last": str(run_dir / C.LAST), "best": str(run_dir / C.BEST)}
