@@ -14,9 +14,11 @@ def quantize(flow: np.ndarray, bound: float = DEFAULT_BOUND) -> np.ndarray:
     """Clip a float flow field (any shape, usually HxWx2) to +-bound and map it to uint8."""
     if bound <= 0:
         raise ValueError(f"bound must be positive, got {bound}")
-    v = np.clip(np.asarray(flow, dtype=np.float32), -bound, bound)
+    v = np.clip(np.asarray(flow, dtype=np.float32), -bound, bound)   # a new array: the rest in place
+    v += np.float32(bound)
+    v *= np.float32(255.0 / (2.0 * bound))
     # np.rint rounds half to even; denseflow uses cvRound (also half to even), so ties agree.
-    return np.rint((v + bound) * (255.0 / (2.0 * bound))).astype(np.uint8)
+    return np.rint(v, out=v).astype(np.uint8)
 
 
 def dequantize(q: np.ndarray, bound: float = DEFAULT_BOUND) -> np.ndarray:
