@@ -79,16 +79,20 @@ def run_case(case: dict, clips: dict, engine=FusedTVL1) -> bool | None:
 
 def sweep(cases: int, seed: int = 0, max_side: int = 200, engine=FusedTVL1, report=print) -> dict:
     """Draw `cases` cases from `seed`; counts of identical, different and declined ones."""
-    cv2.setNumThreads(1)
     clips = _clips()
     rng = np.random.default_rng(seed)
     counts = dict(identical=0, different=0, declined=0)
-    for k in range(cases):
-        case = draw_case(rng, clips, max_side)
-        same = run_case(case, clips, engine)
-        counts["declined" if same is None else "identical" if same else "different"] += 1
-        if same is False:
-            report(f"DIFFERENT: case {k} of seed {seed}: {case}")
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)   # as flowprep's workers run OpenCV (and quicker on small frames)
+    try:
+        for k in range(cases):
+            case = draw_case(rng, clips, max_side)
+            same = run_case(case, clips, engine)
+            counts["declined" if same is None else "identical" if same else "different"] += 1
+            if same is False:
+                report(f"DIFFERENT: case {k} of seed {seed}: {case}")
+    finally:
+        cv2.setNumThreads(threads)
     return counts
 
 
