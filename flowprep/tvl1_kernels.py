@@ -76,13 +76,13 @@ def _v(rho_c, ix_, iy_, g, u1k, u2k, l_t, nl_t):
 
 
 @njit(inline="always", **_jit)
-def _vdu_row(y, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta):
-    """estimateV + divergence + estimateU of row y. terms[y] = the row's error terms (kept for
-    the exact serial sum); colsum accumulates them per column in float32, in the same vectorised
-    loop (a running sum along the row would not vectorise; the decision bounds its rounding)."""
+def _vdu_row(y, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, p12m, p22m, terms, colsum, l_t, theta):
+    """estimateV + divergence + estimateU of row y, given p12m, p22m: rows y-1 of p12 and p22
+    (zeros for row 0: (a - b) + (c - 0) == (a - b) + c). terms[y] = the row's error terms (kept
+    for the exact serial sum); colsum accumulates them per column in float32, in the same
+    vectorised loop (a running sum along the row would not vectorise; the decision bounds its
+    rounding)."""
     W = u1.shape[1]
-    p12m = p12[y - 1] if y > 0 else zrow   # row -1 of p is zero: (a - b) + (c - 0) == (a - b) + c
-    p22m = p22[y - 1] if y > 0 else zrow
     nl_t = -l_t
     Ix = I1wx[y]
     Iy = I1wy[y]
@@ -211,14 +211,14 @@ def _dual_px(u1x, u1y, u2x, u2y, p11, p12, p21, p22, taut):
 
 
 @njit(inline="always", **_jit)
-def _dual_row(y, u1, u2, p11, p12, p21, p22, scratch, taut):
-    """forwardGradient + estimateDualVariables of row y (u of rows y and y+1 already new), in one
-    loop that LLVM vectorises at full width. Where the float32 hypot model cannot decide a norm
+def _dual_row(y, yn, u1, u2, p11, p12, p21, p22, scratch, taut):
+    """forwardGradient + estimateDualVariables of row y (u of rows y and yn already new; yn is
+    y + 1, or y itself for the last row: OpenCV's zero dy there), in one loop that LLVM
+    vectorises at full width. Where the float32 hypot model cannot decide a norm
     (a few pixels in a million), that pixel's old p goes to scratch (a masked store), and a
     second, scalar pass over the row redoes those pixels with libm's hypot, as OpenCV calls it.
     Returns the number of such pixels."""
-    H, W = u1.shape
-    yn = y + 1 if y < H - 1 else y   # last row: u[y] - u[y] == 0, OpenCV's zero dy
+    W = u1.shape[1]
     A1 = u1[y]
     A2 = u2[y]
     B1 = u1[yn]
@@ -328,17 +328,23 @@ def sweep_rows(y0, y1, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, term
     """V/D/U of rows y0 .. y1-1 and the dual update of rows y0 .. y1-2 (row y1-1 waits for the
     new u of row y1). Returns the number of pixels whose norm libm's hypot decided."""
     libm = 0
-    for y in range(y0, y1):
-        _vdu_row(y, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, terms, colsum, l_t, theta)
+    if y0 == 0 and y1 > 0:
+        _vdu_row(0, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, zrow, zrow, terms, colsum, l_t, theta)
+    # Row 0 apart, so that in the loop p12[y - 1] is a plain row of p12: a choice between zrow
+    # and p12[y - 1] per row (one array or another) cost 13-16% of an accurate solve in LLVM's
+    # code for the rows.
+    for y in range(max(y0, 1), y1):
+        _vdu_row(y, I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22, p12[y - 1], p22[y - 1], terms, colsum, l_t,
+                 theta)
         if y > y0:
-            libm += _dual_row(y - 1, u1, u2, p11, p12, p21, p22, scratch, taut)
+            libm += _dual_row(y - 1, y, u1, u2, p11, p12, p21, p22, scratch, taut)
     return libm
 
 
 @njit(**_jit)
 def dual_row(y, u1, u2, p11, p12, p21, p22, scratch, taut):
     """_dual_row as a callable kernel: the last row's dual update (and the tests')."""
-    return _dual_row(y, u1, u2, p11, p12, p21, p22, scratch, taut)
+    return _dual_row(y, min(y + 1, u1.shape[0] - 1), u1, u2, p11, p12, p21, p22, scratch, taut)
 
 
 @njit(**_jit)
