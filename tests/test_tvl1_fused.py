@@ -299,7 +299,7 @@ def _pythagorean_midpoints(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
     return np.array(a, F32), np.array(b, F32)
 
 
-@pytest.mark.parametrize("width, x", [(6, 2), (40, 21)])   # the loop's scalar part; a vector lane
+@pytest.mark.parametrize("width, x", [(6, 2), (40, 21), (40, 38)])   # scalar row; a vector lane; the remainder
 def test_hypot_near_float_midpoint_goes_to_libm(width, x):
     """u gradients (a, b) whose hypot is exactly a float rounding midpoint, one where the kernel's
     float32 model rounds the other way from libm: the dual update flags that pixel and gives it
@@ -400,10 +400,12 @@ def test_median_is_opencvs(shape):
     out = np.empty_like(u)
     assert median5(u, out, np.empty((shape[0] + 4, shape[1] + 4), F32))
     _assert_same(out, cv2.medianBlur(u, 5), f"median {shape}")
+    h, w = shape
     for odd in (-0.0, np.nan):
-        v = u.copy()
-        v[shape[0] // 2, shape[1] // 2] = odd
-        assert not median5(v, out, np.empty((shape[0] + 4, shape[1] + 4), F32))
+        for at in ((h // 2, w // 2), (0, 0), (h - 1, w - 1), (1, w - 2), (h // 2, 0), (h - 2, w // 2)):
+            v = u.copy()
+            v[at] = odd
+            assert not median5(v, out, np.empty((h + 4, w + 4), F32)), f"{odd} at {at} not declined"
 
 
 def test_error_decision_bound():
